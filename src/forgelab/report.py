@@ -1,0 +1,182 @@
+"""Figures, JSON and Markdown for verification and forging results.
+
+Figures use matplotlib's non-interactive Agg backend so that they render without a
+display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from forgelab.attacks import CheckpointForgery  # noqa: E402
+from forgelab.replay import VerifyReport  # noqa: E402
+from forgelab.trace import write_atomic  # noqa: E402
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write a JSON document atomically (NaN and inf become null)."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return clean(float(value))
+        return value
+
+    write_atomic(path, json.dumps(clean(payload), indent=1).encode())
+
+
+def _positive(values: list[float], floor: float) -> list[float]:
+    return [max(v, floor) for v in values]
+
+
+def plot_verification(report: VerifyReport, path: Path, title: str = "") -> Path:
+    """Plot the reproduction error of every replayed step against the tolerance.
+
+    Zero errors are drawn at a floor far below the tolerance so the log scale can
+    show them; the legend says so.
+    """
+    tau = report.calibration.tolerance
+    steps = [s.end_step for s in report.segments]
+    errors = [s.l2 for s in report.segments]
+    floor = tau * 1e-6 if tau > 0 else 1e-16
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.plot(
+        steps, _positive(errors, floor), ".", ms=3, label="reproduction error (L2)"
+    )
+    failed = [s for s in report.segments if not s.passed]
+    if failed:
+        axes.plot(
+            [s.end_step for s in failed],
+            [max(s.l2, floor) for s in failed],
+            "rx",
+            label="failed step",
+        )
+    axes.axhline(
+        max(tau, floor), color="k", ls="--", label=f"tolerance tau = {tau:.2e}"
+    )
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("L2 distance to logged checkpoint")
+    zero = sum(1 for e in errors if e == 0)
+    note = f" ({zero} steps with error exactly 0 drawn at {floor:.0e})" if zero else ""
+    axes.set_title((title or "Replay verification") + note, fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_forging(
+    records: list[CheckpointForgery],
+    tolerance: float,
+    path: Path,
+    reproduction: dict[int, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Plot forging error per checkpoint, one line per run, against the tolerance."""
+    runs: dict[int, list[CheckpointForgery]] = defaultdict(list)
+    for record in records:
+        runs[record.run].append(record)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for run, rows in sorted(runs.items()):
+        rows.sort(key=lambda r: r.step)
+        axes.plot(
+            [r.step for r in rows],
+            [r.forging_error for r in rows],
+            marker="o",
+            ms=3,
+            lw=1,
+            alpha=0.7,
+            label="forging error, one line per run" if run == 0 else None,
+        )
+    if reproduction:
+        floor = tolerance * 1e-6
+        steps = sorted(reproduction)
+        axes.plot(
+            steps,
+            _positive([reproduction[s] for s in steps], floor),
+            "k.",
+            label="reproduction error of the logged step",
+        )
+    axes.axhline(
+        tolerance, color="k", ls="--", label=f"tolerance tau = {tolerance:.2e}"
+    )
+    axes.set_yscale("log")
+    axes.set_xlabel("checkpoint (step)")
+    axes.set_ylabel("L2 distance after one step")
+    axes.set_title(title or "Forging error vs tolerance", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class CheckpointSummary:
+    """Forging errors at one checkpoint, across runs, next to the tolerance."""
+
+    step: int
+    reproduction_error: float | None
+    tolerance: float
+    minimum: float
+    median: float
+    maximum: float
+    paper_minimum: float
+    num_detected: int
+    num_runs: int
+
+    @property
+    def margin(self) -> float:
+        """Smallest forging error divided by the tolerance."""
+        return self.minimum / self.tolerance if self.tolerance > 0 else math.inf
+
+
+def summarise_forging(
+    records: list[CheckpointForgery],
+    tolerance: float,
+    reproduction: dict[int, float] | None = None,
+) -> list[CheckpointSummary]:
+    """Group forging records by checkpoint and compare each with the tolerance."""
+    steps: dict[int, list[float]] = defaultdict(list)
+    paper: dict[int, list[float]] = defaultdict(list)
+    for record in records:
+        steps[record.step].append(record.forging_error)
+        paper[record.step].append(record.paper_error)
+    return [
+        CheckpointSummary(
+            step=step,
+            reproduction_error=(reproduction or {}).get(step),
+            tolerance=tolerance,
+            minimum=float(np.min(errors)),
+            median=float(np.median(errors)),
+            maximum=float(np.max(errors)),
+            paper_minimum=float(np.min(paper[step])),
+            num_detected=sum(1 for e in errors if e > tolerance),
+            num_runs=len(errors),
+        )
+        for step, errors in sorted(steps.items())
+    ]
+
+
+def reproduction_by_start(report: VerifyReport) -> dict[int, float]:
+    """Reproduction error of the logged step that starts at each checkpoint."""
+    return {s.start_step: s.l2 for s in report.segments}

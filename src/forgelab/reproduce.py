@@ -1,0 +1,326 @@
+"""The main job: record a trace, verify it, forge it at checkpoints, and report.
+
+This reproduces the central measurement of the re-evaluation (Suliman et al. 2025,
+Sec. 5, Fig. 3): forging errors of the best of M = 300 one-example replacements at
+checkpoints every 100 steps, over 10 runs, set against the benign reproduction error
+and a tolerance calibrated from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from forgelab.attacks import CheckpointForgery, attack_checkpoints
+from forgelab.data import Dataset
+from forgelab.errors import ConfigError
+from forgelab.replay import DEFAULT_SAFETY_FACTOR, VerifyReport, verify_trace
+from forgelab.report import (
+    CheckpointSummary,
+    plot_forging,
+    plot_verification,
+    reproduction_by_start,
+    summarise_forging,
+    write_json,
+)
+from forgelab.trace import MANIFEST_NAME, Trace, write_atomic
+from forgelab.training import record_trace
+
+logger = logging.getLogger(__name__)
+
+TaskFactory = Callable[[str], Callable[[int, int], None]]
+
+
+@dataclass
+class ReproduceSettings:
+    """Settings of the main job; defaults follow the re-evaluation.
+
+    Attributes:
+        model: Model name.
+        num_epochs: Training epochs (None: about 2,400 steps).
+        lr: SGD learning rate eta.
+        batch_size: Examples per step.
+        seed: Training and attack seed.
+        every: Attack every this many steps.
+        num_runs: Random batches per attacked checkpoint.
+        num_replaced: f, examples replaced per batch.
+        num_candidates: M, candidate subsets per forgery.
+        safety_factor: Multiplier of the automatic tolerance.
+    """
+
+    model: str = "lenet"
+    num_epochs: int | None = None
+    lr: float = 0.01
+    batch_size: int = 100
+    seed: int = 2024
+    every: int = 100
+    num_runs: int = 10
+    num_replaced: int = 1
+    num_candidates: int = 300
+    safety_factor: float = DEFAULT_SAFETY_FACTOR
+
+
+@dataclass
+class ReproduceResult:
+    """Everything the main job measured."""
+
+    trace: Trace
+    verification: VerifyReport
+    forgeries: list[CheckpointForgery]
+    summaries: list[CheckpointSummary]
+    seconds: dict[str, float]
+
+    @property
+    def tolerance(self) -> float:
+        """The calibrated tolerance tau."""
+        return self.verification.calibration.tolerance
+
+    @property
+    def margin(self) -> float:
+        """Smallest forging error over the tolerance."""
+        return min(s.margin for s in self.summaries) if self.summaries else float("nan")
+
+    @property
+    def num_undetected(self) -> int:
+        """Forgeries whose error is within the tolerance."""
+        return sum(1 for f in self.forgeries if f.forging_error <= self.tolerance)
+
+
+def _fresh_trace_dir(out: Path) -> Path:
+    trace_dir = out / "trace"
+    if trace_dir.exists():
+        if not (trace_dir / MANIFEST_NAME).is_file():
+            raise ConfigError(
+                f"{trace_dir} exists and is not a forgelab trace; not touching it"
+            )
+        shutil.rmtree(trace_dir)
+    return trace_dir
+
+
+def run_reproduce(
+    out: Path, dataset: Dataset, settings: ReproduceSettings, task: TaskFactory
+) -> ReproduceResult:
+    """Run the main job and write results.json, report.md and figures into ``out``.
+
+    Args:
+        out: Output directory (its ``trace`` subdirectory is replaced).
+        dataset: Training data.
+        settings: What to train and how to attack.
+        task: Makes a progress callback for a named stage.
+
+    Returns:
+        The measurements.
+    """
+    from forgelab.optim import OptimizerConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    # record
+    started = time.perf_counter()
+    trace_dir = record_trace(
+        _fresh_trace_dir(out),
+        dataset,
+        settings.model,
+        optimizer=OptimizerConfig(lr=settings.lr),
+        batch_size=settings.batch_size,
+        num_epochs=settings.num_epochs,
+        seed=settings.seed,
+        callback=task("recording the trace"),
+    )
+    seconds["record"] = time.perf_counter() - started
+    trace = Trace(trace_dir)
+
+    # verify the honest trace with a calibrated tolerance
+    started = time.perf_counter()
+    verification = verify_trace(
+        trace, dataset, safety_factor=settings.safety_factor, callback=task("verifying")
+    )
+    seconds["verify"] = time.perf_counter() - started
+
+    # forge at checkpoints
+    started = time.perf_counter()
+    forgeries = attack_checkpoints(
+        trace,
+        dataset,
+        attack="reeval",
+        every=settings.every,
+        num_runs=settings.num_runs,
+        num_replaced=settings.num_replaced,
+        num_candidates=settings.num_candidates,
+        seed=settings.seed,
+        callback=task("forging"),
+    )
+    seconds["forge"] = time.perf_counter() - started
+    reproduction = reproduction_by_start(verification)
+    summaries = summarise_forging(
+        forgeries, verification.calibration.tolerance, reproduction
+    )
+    result = ReproduceResult(trace, verification, forgeries, summaries, seconds)
+
+    # report
+    title = f"{dataset.name}/{settings.model}"
+    plot_verification(verification, out / "reproduction_error.png", title)
+    plot_forging(
+        forgeries,
+        result.tolerance,
+        out / "forging_error.png",
+        reproduction,
+        f"{title}: best of M={settings.num_candidates} replacements of f="
+        f"{settings.num_replaced}",
+    )
+    write_json(out / "results.json", results_json(result, dataset, settings))
+    write_atomic(out / "report.md", render_report(result, dataset, settings).encode())
+    return result
+
+
+def results_json(
+    result: ReproduceResult, dataset: Dataset, settings: ReproduceSettings
+) -> dict:
+    """The machine-readable results of the main job."""
+    accuracies = result.trace.manifest.get("test_accuracy", [])
+    return {
+        "dataset": dataset.describe(),
+        "settings": asdict(settings),
+        "trace": str(result.trace.root),
+        "num_steps": result.trace.num_steps,
+        "final_test_accuracy": accuracies[-1]["accuracy"] if accuracies else None,
+        "tolerance": result.tolerance,
+        "margin": result.margin,
+        "num_forgeries": len(result.forgeries),
+        "num_undetected": result.num_undetected,
+        "honest_trace_accepted": result.verification.accepted,
+        "verification": result.verification.to_json(),
+        "checkpoints": [asdict(s) | {"margin": s.margin} for s in result.summaries],
+        "forgeries": [f.to_json() for f in result.forgeries],
+        "seconds": result.seconds,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3e}"
+
+
+def render_report(
+    result: ReproduceResult, dataset: Dataset, settings: ReproduceSettings
+) -> str:
+    """A Markdown report a reader understands without any other document."""
+    verification = result.verification
+    calibration = verification.calibration
+    errors = np.array([s.l2 for s in verification.segments])
+    accuracies = result.trace.manifest.get("test_accuracy", [])
+    accuracy = accuracies[-1]["accuracy"] if accuracies else float("nan")
+    forging = np.array([f.forging_error for f in result.forgeries])
+    updates = np.array([f.update_norm for f in result.forgeries])
+    lines = [
+        f"# Data forging on {dataset.name}/{settings.model}: reproduction vs forging "
+        "error",
+        "",
+        "This report asks whether a forged training log can pass replay verification. "
+        "A model was trained with SGD while every step was logged (an execution "
+        "trace). "
+        "A verifier replays each logged step from its checkpoint and accepts it when "
+        "the "
+        "recomputed weights are within a tolerance tau of the logged ones. An attacker "
+        "who wants to deny having used some examples swaps them for other examples "
+        "whose gradient is as close as possible; the distance this leaves after one "
+        "step is the forging error. Forging succeeds only if that error is within tau.",
+        "",
+        "## Setup",
+        "",
+        f"- Data: {dataset.name} ({dataset.source}), {dataset.num_train} training "
+        f"examples, fingerprint `{dataset.fingerprint[:16]}...`.",
+        f"- Training: {settings.model}, SGD eta = {settings.lr}, batch "
+        f"{settings.batch_size}, seed {settings.seed}, fp32, {result.trace.num_steps} "
+        "steps, "
+        f"a checkpoint after every step. Final test accuracy: {accuracy:.2%}.",
+        f"- Attack (the re-evaluation's, Suliman et al. 2025): at every "
+        f"{settings.every}-th checkpoint, {settings.num_runs} runs each draw a random "
+        f"batch, replace its first f = {settings.num_replaced} example(s) by the best "
+        f"of M = {settings.num_candidates} random subsets of the other training "
+        f"examples, ranked by gradient L2 distance.",
+        "- Forging error: eps = eta * ||g(B) - g(B')||, the L2 distance in weight "
+        "space "
+        "after one step. The re-evaluation's code reports sqrt(eta) * ||g(B) - g(B')|| "
+        "instead; results.json has it as `paper_error` "
+        f"(here it is 1/sqrt(eta) = {1 / np.sqrt(settings.lr):.0f} times larger).",
+        "",
+        "## Tolerance",
+        "",
+        f"tau = **{calibration.tolerance:.3e}** ({calibration.method}). The verifier "
+        f"replayed {len(calibration.sampled_steps)} randomly chosen steps in three "
+        "benign ways and took the largest distance between them, times a safety factor "
+        f"of {calibration.safety_factor:g}:",
+        "",
+        "| benign source | largest L2 distance |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {source} | {value:.3e} |" for source, value in calibration.benign.items()
+    ]
+    lines += [
+        "",
+        "## Honest replay",
+        "",
+        f"All {len(errors)} logged steps were replayed. Reproduction error (L2): "
+        f"max {errors.max():.3e}, median {np.median(errors):.3e}; "
+        f"{int((errors == 0).sum())} steps reproduce exactly (error 0). "
+        f"Verdict: **{'accepted' if verification.accepted else 'REJECTED'}** "
+        f"({len(verification.failed_steps)} failing steps).",
+        "",
+        "## Forging error at checkpoints",
+        "",
+        "| step | reproduction error | tau | forging error min | median | max | "
+        "margin (min/tau) | detected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result.summaries:
+        lines.append(
+            f"| {s.step} | {_fmt(s.reproduction_error)} | {s.tolerance:.2e} | "
+            f"{s.minimum:.3e} | {s.median:.3e} | {s.maximum:.3e} | {s.margin:.1f} | "
+            f"{s.num_detected}/{s.num_runs} |"
+        )
+    lines += ["", "## Conclusion", ""]
+    if result.num_undetected == 0:
+        lines.append(
+            f"Every one of the {len(forging)} forgeries leaves an error above tau. The "
+            f"smallest forging error is {forging.min():.3e}, **{result.margin:.1f} "
+            "times "
+            f"tau**, and {forging.min() / max(errors.max(), 1e-300):.1e} times the "
+            "largest honest reproduction error. A verifier that replays the forged "
+            "step "
+            "rejects it. This matches the re-evaluation's finding that this attack "
+            "leaves errors orders of magnitude above benign reproduction error."
+        )
+    else:
+        lines.append(
+            f"**{result.num_undetected} of {len(forging)} forgeries are NOT "
+            "detected**: "
+            f"their forging error is within tau = {result.tolerance:.3e}. "
+            f"The smallest margin is {result.margin:.2f}. At those checkpoints a "
+            "verifier with this tolerance would accept the forged step."
+        )
+    lines += [
+        "",
+        f"For scale: the true update itself, eta * ||g(B)||, has median "
+        f"{np.median(updates):.3e}; the forging error is a median "
+        f"{np.median(forging / updates):.1%} of it.",
+        "",
+        "## Figures",
+        "",
+        "- `reproduction_error.png`: reproduction error of every logged step against "
+        "tau.",
+        "- `forging_error.png`: forging error per checkpoint, one line per run, "
+        "against "
+        "tau (log scale).",
+        "",
+        f"Run time: {', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+
+from forgelab.cli import main
+
+
+def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "reproduce",
+            "--dataset",
+            "digits",
+            "--model",
+            "logreg",
+            "--epochs",
+            "8",
+            "--every",
+            "40",
+            "--runs",
+            "3",
+            "-M",
+            "30",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "reproduction error" in printed and "margin" in printed
+    for name in (
+        "results.json",
+        "report.md",
+        "reproduction_error.png",
+        "forging_error.png",
+    ):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_steps"] == 8 * 14
+    assert results["honest_trace_accepted"] is True
+    tau = results["tolerance"]
+    forging = [f["forging_error"] for f in results["forgeries"]]
+    assert len(forging) == 3 * 3  # checkpoints 0, 40, 80
+    assert results["margin"] == pytest.approx(min(forging) / tau)
+    assert results["num_undetected"] == sum(1 for f in forging if f <= tau)
+    for checkpoint in results["checkpoints"]:
+        assert checkpoint["tolerance"] == tau
+        assert checkpoint["reproduction_error"] == 0.0
+    report = (out / "report.md").read_text()
+    assert f"{tau:.3e}" in report
+    assert "margin" in report
+    # a second run replaces the trace it made before
+    assert (
+        main(
+            [
+                "reproduce",
+                "--dataset",
+                "digits",
+                "--model",
+                "logreg",
+                "--epochs",
+                "2",
+                "--every",
+                "20",
+                "--runs",
+                "1",
+                "-M",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "results.json").read_text())["num_steps"] == 28
+
+
+def test_reproduce_refuses_to_delete_foreign_directories(tmp_path, capsys):
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "trace" / "precious.txt").write_text("keep me")
+    code = main(
+        [
+            "reproduce",
+            "--dataset",
+            "digits",
+            "--model",
+            "logreg",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert (tmp_path / "trace" / "precious.txt").read_text() == "keep me"
+    assert "not a forgelab trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["reproduce", "--dataset", "nope"], "unknown dataset"),
+        (["reproduce", "--model", "nope", "--dataset", "digits"], "unknown model"),
+        (["reproduce", "--model", "lenet", "--dataset", "digits"], "needs images"),
+        (["reproduce", "--runs", "0"], "must be >= 1"),
+        (
+            [
+                "train",
+                "--out",
+                "x",
+                "--dataset",
+                "breast-cancer",
+                "--model",
+                "fcn1",
+                "--batch-size",
+                "1000",
+            ],
+            "exceeds",
+        ),
+        (["verify", "/nonexistent/trace"], "not a trace directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
