@@ -1,0 +1,44 @@
+"""The ``forgelab`` command line.
+
+Exit codes: 0 success (a verified trace was accepted), 1 a trace was rejected,
+2 unusable input (bad options, malformed or unsafe trace, missing data).
+
+Each command lives in its own module and registers itself on the group ``cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from forgelab.cli import forge, reproduce, train, verify  # noqa: F401 - registers
+from forgelab.cli.base import cli, error_console
+from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the command line and map errors to exit codes."""
+    try:
+        code = cli.main(args=argv, prog_name="forgelab", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        code = done.exit_code
+    except click.ClickException as error:
+        error.show()
+        code = EXIT_UNUSABLE
+    except click.exceptions.Abort:
+        error_console.print("forgelab: aborted")
+        code = EXIT_UNUSABLE
+    except ForgelabError as error:
+        print(f"forgelab: error: {error}", file=sys.stderr)
+        code = error.exit_code
+    except OSError as error:
+        print(f"forgelab: error: {error}", file=sys.stderr)
+        code = EXIT_UNUSABLE
+    return EXIT_ACCEPTED if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

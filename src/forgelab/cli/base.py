@@ -1,0 +1,111 @@
+"""Shared pieces of the command line: the group, consoles, progress bars, options."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+error_console = Console(stderr=True)
+
+
+class Tasks:
+    """Progress bars for named stages; silent when stdout is not a terminal."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, name: str) -> Callable[[int, int], None]:
+        """A callback ``(done, total)`` that advances the bar called ``name``."""
+
+        def update(done: int, total: int) -> None:
+            if self.progress is None:
+                return
+            if name not in self.ids:
+                self.ids[name] = self.progress.add_task(name, total=total)
+            self.progress.update(self.ids[name], completed=done, total=total)
+
+        return update
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[Tasks]:
+    """Yield a :class:`Tasks` factory, with live bars only on a terminal."""
+    if not console.is_terminal:
+        yield Tasks(None)
+        return
+    progress = Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        yield Tasks(progress)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Send library logs to stderr at the level -v/-q ask for."""
+    level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    elif verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=error_console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def parse_tolerance(value: str) -> float | None:
+    """Parse --tolerance: None for 'auto', else a finite non-negative float."""
+    if value == "auto":
+        return None
+    try:
+        tolerance = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number") from None
+    if not tolerance >= 0 or tolerance == float("inf"):
+        raise click.BadParameter(f"{value!r} must be a finite non-negative number")
+    return tolerance
+
+
+def positive_int(
+    _ctx: click.Context, param: click.Parameter, value: int | None
+) -> int | None:
+    """Click callback rejecting counts below 1."""
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be >= 1, got {value}")
+    return value
+
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory with the dataset's standard files (default: embedded copy).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.version_option(package_name="forgelab")
+def cli(verbose: int, quiet: bool) -> None:
+    """Record, replay, forge and verify SGD execution traces."""
+    setup_logging(verbose, quiet)

@@ -1,0 +1,112 @@
+"""``forgelab reproduce``: the main job on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from forgelab.cli.base import (
+    cli,
+    console,
+    data_dir_option,
+    positive_int,
+    progress_bars,
+)
+from forgelab.cli.forge import forging_table
+from forgelab.errors import EXIT_ACCEPTED
+
+
+@cli.command()
+@click.option("--dataset", default="mnist", show_default=True, help="Dataset name.")
+@click.option("--model", default="lenet", show_default=True, help="Model name.")
+@data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("forgelab-out/reproduce"),
+    show_default=True,
+    help="Output directory (its trace/ is replaced).",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    callback=positive_int,
+    help="Training epochs (default: about 2,400 steps).",
+)
+@click.option(
+    "--every", type=int, default=100, show_default=True, callback=positive_int
+)
+@click.option("--runs", type=int, default=10, show_default=True, callback=positive_int)
+@click.option(
+    "-f", "num_replaced", type=int, default=1, show_default=True, callback=positive_int
+)
+@click.option(
+    "-M",
+    "num_candidates",
+    type=int,
+    default=300,
+    show_default=True,
+    callback=positive_int,
+)
+@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--safety-factor", type=float, default=10.0, show_default=True)
+def reproduce(
+    dataset: str,
+    model: str,
+    data_dir: Path | None,
+    out: Path,
+    epochs: int | None,
+    every: int,
+    runs: int,
+    num_replaced: int,
+    num_candidates: int,
+    seed: int,
+    safety_factor: float,
+) -> int:
+    """Record, verify and forge a trace on real data; write a report and figures."""
+    from forgelab.data import load_dataset
+    from forgelab.reproduce import ReproduceSettings, run_reproduce
+
+    if not safety_factor > 0:
+        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    data = load_dataset(dataset, data_dir)
+    settings = ReproduceSettings(
+        model=model,
+        num_epochs=epochs,
+        seed=seed,
+        every=every,
+        num_runs=runs,
+        num_replaced=num_replaced,
+        num_candidates=num_candidates,
+        safety_factor=safety_factor,
+    )
+    with progress_bars() as tasks:
+        result = run_reproduce(out, data, settings, tasks)
+    title = (
+        f"{dataset}/{model}: reproduction error, tolerance and forging error "
+        f"(f={num_replaced}, M={num_candidates})"
+    )
+    console.print(forging_table(result.summaries, title))
+    accuracies = result.trace.manifest.get("test_accuracy", [])
+    verdict = "accepted" if result.verification.accepted else "REJECTED"
+    console.print(
+        f"honest trace: {result.trace.num_steps} steps, test accuracy "
+        f"{accuracies[-1]['accuracy']:.2%}, {verdict}; max reproduction error "
+        f"{max(s.l2 for s in result.verification.segments):.3e}; "
+        f"tolerance {result.tolerance:.3e}"
+    )
+    if result.num_undetected:
+        console.print(
+            f"[red]{result.num_undetected} of {len(result.forgeries)} forgeries are "
+            "NOT "
+            f"detected[/red] (margin {result.margin:.2f})"
+        )
+    else:
+        console.print(
+            f"all {len(result.forgeries)} forgeries detected; margin min(forging error)"
+            f" / tolerance = {result.margin:.1f}"
+        )
+    console.print(f"report: {out / 'report.md'}, results.json and figures in {out}")
+    return EXIT_ACCEPTED

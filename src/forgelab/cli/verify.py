@@ -1,0 +1,145 @@
+"""``forgelab verify``: replay a trace and accept or reject it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from forgelab.cli.base import (
+    cli,
+    console,
+    data_dir_option,
+    parse_tolerance,
+    positive_int,
+    progress_bars,
+)
+from forgelab.errors import EXIT_ACCEPTED, EXIT_REJECTED
+
+
+def _verify_table(report, show_all: bool) -> Table:  # noqa: ANN001 - VerifyReport
+    tau = report.calibration.tolerance
+    table = Table(title=f"replay verification (tau = {tau:.3e})")
+    for column in ("step", "L2", "Linf", "relative", "update norm", "verdict"):
+        table.add_column(column, justify="right")
+    rows = report.segments
+    if not show_all and len(rows) > 20:
+        rows = [s for s in rows if not s.passed][:20]
+        table.title += ": failing steps" + (" (first 20)" if len(rows) == 20 else "")
+    for s in rows:
+        table.add_row(
+            str(s.end_step),
+            f"{s.l2:.3e}",
+            f"{s.linf:.3e}",
+            f"{s.relative:.3e}",
+            f"{s.update_norm:.3e}",
+            "pass" if s.passed else "[red]FAIL[/red]",
+        )
+    return table
+
+
+@cli.command()
+@click.argument("trace_dir", metavar="TRACE", type=click.Path(path_type=Path))
+@data_dir_option
+@click.option(
+    "--tolerance",
+    default="auto",
+    show_default=True,
+    help="'auto' (calibrated) or a fixed L2 tolerance.",
+)
+@click.option(
+    "--safety-factor",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Multiplier on the largest benign error for --tolerance auto.",
+)
+@click.option(
+    "--calibration-steps",
+    type=int,
+    default=8,
+    show_default=True,
+    callback=positive_int,
+    help="Steps sampled to calibrate the tolerance.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The verifier's own seed for choosing calibration steps.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write verify.json and verify.png "
+    "(default: forgelab-out/verify-<trace name>).",
+)
+@click.option("--all-steps", is_flag=True, help="Print every step, not just failures.")
+def verify(
+    trace_dir: Path,
+    data_dir: Path | None,
+    tolerance: str,
+    safety_factor: float,
+    calibration_steps: int,
+    seed: int,
+    out: Path | None,
+    all_steps: bool,
+) -> int:
+    """Replay every step of TRACE and accept or reject it (exit 0 or 1)."""
+    from forgelab.data import load_dataset
+    from forgelab.replay import verify_trace
+    from forgelab.report import plot_verification, write_json
+    from forgelab.trace import Trace
+
+    fixed = parse_tolerance(tolerance)
+    if not safety_factor > 0:
+        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    trace = Trace(trace_dir)
+    data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
+    with progress_bars() as tasks:
+        report = verify_trace(
+            trace,
+            data,
+            tolerance=fixed,
+            safety_factor=safety_factor,
+            num_calibration_segments=calibration_steps,
+            seed=seed,
+            callback=tasks("replaying"),
+        )
+    out = out or Path("forgelab-out") / f"verify-{trace_dir.resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "verify.json", report.to_json())
+    plot_verification(report, out / "verify.png", str(trace_dir))
+    table = _verify_table(report, all_steps)
+    if table.row_count:
+        console.print(table)
+    calibration = report.calibration
+    if calibration.method == "auto":
+        sources = ", ".join(f"{k} {v:.2e}" for k, v in calibration.benign.items())
+        console.print(
+            f"tolerance {calibration.tolerance:.3e} = {calibration.safety_factor:g} x "
+            f"largest benign error ({sources})"
+        )
+    errors = [s.l2 for s in report.segments]
+    console.print(
+        f"{len(errors)} steps replayed, {len(report.failed_steps)} failed, max "
+        f"reproduction error {max(errors):.3e}; report in {out}"
+    )
+    if not report.complete:
+        console.print(
+            f"[yellow]recording was interrupted: verified up to step {trace.num_steps}"
+        )
+    if report.suspect_checkpoints:
+        console.print(
+            "checkpoints inconsistent with the steps on both sides (tampered "
+            "weights?): " + ", ".join(map(str, report.suspect_checkpoints))
+        )
+    if report.accepted:
+        console.print("[green]ACCEPTED[/green]")
+        return EXIT_ACCEPTED
+    first = report.failed_steps[0]
+    console.print(f"[red]REJECTED[/red] at step {first}")
+    return EXIT_REJECTED
