@@ -306,6 +306,23 @@ def render_report(
             f"The smallest margin is {result.margin:.2f}. At those checkpoints a "
             "verifier with this tolerance would accept the forged step."
         )
+        lines += [
+            "",
+            "| step | run | forging error | replaced loss | replaced gradient norm |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f.step} | {f.run} | {f.forging_error:.3e} | {f.replaced_loss:.2e} | "
+            f"{f.replaced_grad_norm:.2e} |"
+            for f in result.forgeries
+            if f.forging_error <= result.tolerance
+        ]
+        losses = [f.replaced_loss for f in result.forgeries]
+        norms = [f.replaced_grad_norm for f in result.forgeries]
+        lines.append(
+            f"\nOver all forgeries the replaced example has median loss "
+            f"{np.median(losses):.2e} and median gradient norm {np.median(norms):.2e}."
+        )
     lines += [
         "",
         f"For scale: the true update itself, eta * ||g(B)||, has median "

@@ -179,19 +179,22 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_DIR}/step-{step:08d}.safetensors"
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes, *, sync: bool = False) -> None:
     """Write a file so that readers see either the old or the new content, never half.
 
-    The bytes go to a temporary file in the same directory, which is flushed, synced
-    and renamed over ``path``.
+    The bytes go to a temporary file in the same directory, which is renamed over
+    ``path``. The rename alone survives the writing process being killed; ``sync``
+    also flushes the data to the disk, which only matters for power loss and costs
+    milliseconds per file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
+            if sync:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -279,18 +282,19 @@ class TraceWriter:
         )
 
     def finish(self) -> Path:
-        """Mark the trace complete and return its directory."""
-        self._write_manifest("complete")
+        """Mark the trace complete, flush it to disk, and return its directory."""
+        os.sync()
+        self._write_manifest("complete", sync=True)
         return self.root
 
-    def _write_manifest(self, status: str) -> None:
+    def _write_manifest(self, status: str, sync: bool = False) -> None:
         self.manifest["status"] = status
         self.manifest["checkpoints"] = [
             {"step": e.step, "file": e.file, "sha256": e.sha256}
             for e in self.checkpoints
         ]
         text = json.dumps(self.manifest, indent=1, sort_keys=True)
-        write_atomic(self.root / MANIFEST_NAME, text.encode())
+        write_atomic(self.root / MANIFEST_NAME, text.encode(), sync=sync)
 
 
 def _schema_error_line(error: jsonschema.ValidationError) -> str:
