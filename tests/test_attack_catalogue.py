@@ -290,7 +290,7 @@ def test_attack_options_are_checked(digits):
     rng = np.random.default_rng(0)
     with pytest.raises(ConfigError, match="unknown attack 'nope'"):
         forge_batch("nope", context, batch, [0], pool, rng)
-    with pytest.raises(ConfigError, match="does not take num-candidates"):
+    with pytest.raises(ConfigError, match="does not take -M"):
         forge_batch("zhang-sn", context, batch, [0], pool, rng, num_candidates=5)
     with pytest.raises(ConfigError, match="unknown kong distance 'cosine'"):
         forge_batch("kong", context, batch, [0], pool, rng, distance="cosine")

@@ -1021,6 +1021,15 @@ def attack_defaults(name: str) -> dict[str, object]:
     }
 
 
+OPTION_FLAGS = {
+    "num_candidates": "-M",
+    "pool_size": "--pool-size",
+    "distance": "--distance",
+    "norm": "--norm",
+}
+"""How the command line spells each attack option."""
+
+
 def attack_options(name: str, **options: object) -> dict[str, object]:
     """The options an attack will run with: its defaults, overridden where given.
 
@@ -1034,10 +1043,10 @@ def attack_options(name: str, **options: object) -> dict[str, object]:
         if value is None:
             continue
         if key not in resolved:
-            accepted = ", ".join(resolved) or "no options"
+            accepted = ", ".join(OPTION_FLAGS.get(k, k) for k in resolved) or "none"
             raise ConfigError(
-                f"attack {name!r} does not take {key.replace('_', '-')} "
-                f"(it takes {accepted})"
+                f"attack {name!r} does not take {OPTION_FLAGS.get(key, key)} "
+                f"(its options: {accepted})"
             )
         resolved[key] = value
     return resolved
@@ -1135,6 +1144,7 @@ def attack_checkpoints(
     num_replaced: int = 1,
     num_candidates: int | None = None,
     options: dict[str, object] | None = None,
+    steps: list[int] | None = None,
     seed: int = 2024,
     callback: Callable[[int, int], None] | None = None,
 ) -> list[CheckpointForgery]:
@@ -1155,6 +1165,8 @@ def attack_checkpoints(
         num_replaced: f, the number of replaced examples.
         num_candidates: M; None for the attack's published default.
         options: Other attack options (None values keep the defaults).
+        steps: Attack the checkpoints at exactly these steps instead of every
+            ``every``-th one.
         seed: Seed of the batches and candidates.
         callback: Called with ``(attempts_done, total_attempts)``.
 
@@ -1174,7 +1186,7 @@ def attack_checkpoints(
     positions = [
         position
         for position, entry in enumerate(trace.checkpoints[:-1])
-        if entry.step % every == 0
+        if (entry.step in steps if steps is not None else entry.step % every == 0)
     ]
     model = trace.build_model()
     records: list[CheckpointForgery] = []

@@ -12,7 +12,13 @@ import sys
 
 import click
 
-from forgelab.cli import forge, reproduce, train, verify  # noqa: F401 - registers
+from forgelab.cli import (  # noqa: F401 - registers the commands
+    evaluate,
+    forge,
+    reproduce,
+    train,
+    verify,
+)
 from forgelab.cli.base import cli, error_console
 from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
 

@@ -78,6 +78,14 @@ def _verify_table(report, show_all: bool) -> Table:  # noqa: ANN001 - VerifyRepo
     "(default: forgelab-out/verify-<trace name>).",
 )
 @click.option("--all-steps", is_flag=True, help="Print every step, not just failures.")
+@click.option(
+    "--removed",
+    "removed_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="For a trace that claims its dataset minus removed examples: the file "
+    "listing them (checked against the claimed hash).",
+)
 def verify(
     trace_dir: Path,
     data_dir: Path | None,
@@ -87,9 +95,11 @@ def verify(
     seed: int,
     out: Path | None,
     all_steps: bool,
+    removed_file: Path | None,
 ) -> int:
     """Replay every step of TRACE and accept or reject it (exit 0 or 1)."""
     from forgelab.data import load_dataset
+    from forgelab.forgery import dataset_for_trace
     from forgelab.replay import verify_trace
     from forgelab.report import plot_verification, write_json
     from forgelab.trace import Trace
@@ -98,7 +108,9 @@ def verify(
     if not safety_factor > 0:
         raise click.BadParameter("must be positive", param_hint="--safety-factor")
     trace = Trace(trace_dir)
-    data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
+    data = dataset_for_trace(
+        trace, load_dataset(trace.manifest["dataset"]["name"], data_dir), removed_file
+    )
     with progress_bars() as tasks:
         report = verify_trace(
             trace,
