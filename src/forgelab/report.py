@@ -158,7 +158,7 @@ def plot_detection(
     values = [v for _, errors in (honest, benign, forged) for v in errors if v > 0]
     floor = min([tolerance, *values]) * 1e-3 if tolerance > 0 or values else 1e-16
     figure, (errors_axes, roc_axes) = plt.subplots(
-        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]}
+        1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [1.6, 1]}
     )
     for (steps, errors), style, label in (
         (honest, dict(color="0.6", marker=".", ms=3, ls=""), "honest replay"),
@@ -179,7 +179,9 @@ def plot_detection(
     errors_axes.set_yscale("log")
     errors_axes.set_xlabel("step")
     errors_axes.set_ylabel("replay error (L2 to logged checkpoint)")
-    errors_axes.legend(fontsize=7)
+    errors_axes.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2
+    )
     for label, (fpr, tpr, auc) in curves.items():
         roc_axes.plot(fpr, tpr, drawstyle="steps-post", label=f"{label}: AUC {auc:.3f}")
     roc_axes.plot([0, 1], [0, 1], color="0.8", lw=0.8)
