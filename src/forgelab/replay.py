@@ -255,6 +255,28 @@ class Replayer:
         )
 
 
+def replay_segment(trace: Trace, dataset: Dataset, position: int) -> SegmentResult:
+    """Replay one segment: a checkpoint, the batches after it, the next checkpoint.
+
+    A segment needs nothing but its two checkpoint files and the data, so segments can
+    be replayed independently, in any order, by separate processes or machines.
+
+    Args:
+        trace: The trace.
+        dataset: The verifier's copy of the data.
+        position: Index of the segment's end checkpoint in the manifest (>= 1).
+
+    Returns:
+        The reproduction error of the segment (``passed`` is left True; compare
+        ``l2`` with a tolerance to decide).
+    """
+    if not 1 <= position < len(trace.checkpoints):
+        raise ValueError(f"segment position must be in [1, {len(trace.checkpoints)})")
+    replayer = Replayer(trace, dataset)
+    start = trace.load_checkpoint(position - 1)
+    return replayer.compare(start, trace.load_checkpoint(position))
+
+
 def _flat_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.Tensor:
     parts = []
     for param in model.parameters():
