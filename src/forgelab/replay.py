@@ -15,6 +15,12 @@ the logged weights, so a forged step cannot widen its own tolerance):
   rounded result, against which the rounding error of the replay shows.
 
 tau is the largest such distance times a safety factor (:data:`DEFAULT_SAFETY_FACTOR`).
+
+For a stateful optimizer (SGD with momentum, Adam) the replay also restores the logged
+optimizer state and compares the recomputed state with the next checkpoint's. Its
+tolerance is calibrated the same way, from the distances between the benign
+recomputations of the state, because momentum buffers and Adam moments live on other
+scales than the weights.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 
 from forgelab.data import Dataset
 from forgelab.errors import TraceError
-from forgelab.models import compute_loss
+from forgelab.models import as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
 from forgelab.trace import Checkpoint, Trace
 from forgelab.training import determinism
@@ -88,6 +94,9 @@ class Calibration:
         safety_factor: Multiplier applied to the largest benign distance.
         benign: Largest benign distance per source (permuted, threads, float64).
         sampled_steps: End steps of the segments the calibration replayed.
+        state_tolerance: Tolerance (L2) for the optimizer state, or None to use
+            ``tolerance`` (a fixed tolerance, or an optimizer without state).
+        benign_state: Largest benign distance of the optimizer state per source.
     """
 
     tolerance: float
@@ -95,6 +104,15 @@ class Calibration:
     safety_factor: float = DEFAULT_SAFETY_FACTOR
     benign: dict[str, float] = field(default_factory=dict)
     sampled_steps: list[int] = field(default_factory=list)
+    state_tolerance: float | None = None
+    benign_state: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def effective_state_tolerance(self) -> float:
+        """The tolerance applied to the optimizer state."""
+        if self.state_tolerance is None:
+            return self.tolerance
+        return self.state_tolerance
 
 
 @dataclass
@@ -206,7 +224,7 @@ class Replayer:
         for indices in batches:
             if permute is not None:
                 indices = permute.permutation(indices)
-            inputs = self.dataset.x_train[indices].to(dtype)
+            inputs = as_model_input(self.dataset.x_train[indices], dtype)
             labels = self.dataset.y_train[indices]
             optimizer.zero_grad(set_to_none=True)
             compute_loss(loss_name, model(inputs), labels).backward()
@@ -299,24 +317,28 @@ def calibrate_tolerance(
         raise TraceError(f"{trace.root}: no step to calibrate on (only checkpoint 0)")
     chosen = np.sort(rng.choice(count, size=min(num_segments, count), replace=False))
     benign = {"permuted": 0.0, "threads": 0.0, "float64": 0.0}
+    benign_state = dict(benign)
     other_threads = 1 if torch.get_num_threads() > 1 else 2
-    update_norms = []
+    update_norms, state_norms = [], []
     for position in chosen:
         start = trace.load_checkpoint(int(position))
         end = trace.load_checkpoint(int(position) + 1)
-        reference, _ = replayer.run(start, end.batches)
+        reference, reference_state = replayer.run(start, end.batches)
         reference = reference.to(torch.float64)
         update_norms.append(
             float(torch.linalg.vector_norm(reference - replayer.flat(start).double()))
         )
-        permuted, _ = replayer.run(start, end.batches, permute=rng)
+        state_norms.append(float(torch.linalg.vector_norm(reference_state)))
+        permuted = replayer.run(start, end.batches, permute=rng)
         with num_threads(other_threads):
-            threaded, _ = replayer.run(start, end.batches)
+            threaded = replayer.run(start, end.batches)
         # the float64 replay rounded once to the trace's dtype: the closest result
         # any implementation in that dtype could produce
-        precise, _ = replayer.run(start, end.batches, dtype=torch.float64)
-        precise = precise.to(trace.dtype)
-        for source, weights in (
+        precise = [
+            part.to(trace.dtype).to(torch.float64)
+            for part in replayer.run(start, end.batches, dtype=torch.float64)
+        ]
+        for source, (weights, state) in (
             ("permuted", permuted),
             ("threads", threaded),
             ("float64", precise),
@@ -325,11 +347,20 @@ def calibrate_tolerance(
                 torch.linalg.vector_norm(weights.to(torch.float64) - reference)
             )
             benign[source] = max(benign[source], distance)
+            if state.shape == reference_state.shape:
+                state_distance = float(
+                    torch.linalg.vector_norm(state - reference_state)
+                )
+                benign_state[source] = max(benign_state[source], state_distance)
     # if every benign recomputation agreed exactly, fall back to one unit of
     # round-off on the size of a typical update rather than a zero tolerance
+    eps = torch.finfo(trace.dtype).eps
     largest = max(benign.values())
-    floor = torch.finfo(trace.dtype).eps * float(np.median(update_norms))
-    tolerance = safety_factor * max(largest, floor)
+    tolerance = safety_factor * max(largest, eps * float(np.median(update_norms)))
+    state_tolerance = None
+    if max(state_norms) > 0:
+        state_floor = eps * float(np.median(state_norms))
+        state_tolerance = safety_factor * max(max(benign_state.values()), state_floor)
     logger.info("calibrated tolerance %.3e from %s", tolerance, benign)
     return Calibration(
         tolerance=tolerance,
@@ -337,6 +368,8 @@ def calibrate_tolerance(
         safety_factor=safety_factor,
         benign=benign,
         sampled_steps=[trace.checkpoints[int(p) + 1].step for p in chosen],
+        state_tolerance=state_tolerance,
+        benign_state=benign_state if state_tolerance is not None else {},
     )
 
 
@@ -383,6 +416,7 @@ def verify_trace(
                 tolerance=tolerance, method="fixed", safety_factor=1
             )
     tau = calibration.tolerance
+    state_tau = calibration.effective_state_tolerance
     results: list[SegmentResult] = []
     total = len(trace.checkpoints) - 1
     start = trace.load_checkpoint(0)
@@ -390,9 +424,16 @@ def verify_trace(
         # load the next checkpoint, replay the segment, compare
         end = trace.load_checkpoint(position)
         result = replayer.compare(start, end)
-        result.passed = result.l2 <= tau and result.state_l2 <= tau
+        result.passed = result.l2 <= tau and result.state_l2 <= state_tau
         if not result.passed:
-            logger.info("step %d fails: l2 %.3e > tau %.3e", end.step, result.l2, tau)
+            logger.info(
+                "step %d fails: l2 %.3e (tau %.3e), state l2 %.3e (tau %.3e)",
+                end.step,
+                result.l2,
+                tau,
+                result.state_l2,
+                state_tau,
+            )
         results.append(result)
         start = end
         if callback is not None:
