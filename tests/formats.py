@@ -43,7 +43,7 @@ def cifar_python_batch(
     out += b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
     out += _int(0) + b"\x85" + _short_string(b"b") + b"\x87R"
     # BUILD with (1, (n, 3072), dtype('u1'), False, raw bytes)
-    out += b"(" + _int(1) + _int(count) + _int(CIFAR_PIXELS) + b"\x86"
+    out += b"(" + _int(1) + _int(count) + _int(pixels.shape[1]) + b"\x86"
     out += b"cnumpy\ndtype\n" + _short_string(b"u1") + _int(0) + _int(1) + b"\x87R"
     out += b"(" + _int(3) + _short_string(b"|") + b"NNN"
     out += b"J\xff\xff\xff\xffJ\xff\xff\xff\xff" + _int(0) + b"tb"

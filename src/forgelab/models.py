@@ -204,7 +204,7 @@ def _vgg_mini(spec: ModelSpec) -> nn.Module:
     activations. Four blocks of two 3x3 same-padded convolutions (64, 128, 256, 512
     channels), ELU after each, 2x2 max-pooling after the first three blocks, then
     dense layers 128 and 64 with ELU and a linear output. On 32x32 inputs the last
-    feature map is 512 x 4 x 4 and the model has 5,742,666 parameters for 10 classes.
+    feature map is 512 x 4 x 4 and the model has 5,742,986 parameters for 10 classes.
     Without BatchNorm the model has no buffers, so a checkpoint's weights determine
     the next step.
     """
