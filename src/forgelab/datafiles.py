@@ -311,7 +311,10 @@ def read_imdb(data_dir: Path, context: int = IMDB_CONTEXT) -> dict[str, np.ndarr
         )
     labels = np.concatenate([result["y_train"], result["y_test"]])
     if labels.min() < 0 or labels.max() < 1:
-        raise DataError(f"{path}: labels must be class indices 0, 1, ...")
+        raise DataError(
+            f"{path}: labels must be class indices 0, 1, ... of at least two classes; "
+            f"found {int(labels.min())}..{int(labels.max())}"
+        )
     result["vocab_size"] = np.asarray(int(tokens.max()) + 1)
     return result
 

@@ -113,7 +113,6 @@ class TraceRecorder:
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             "checkpoint_interval": checkpoint_every,
             "environment": environment(),
-            "recorded_by": "TraceRecorder",
         }
         self.writer = TraceWriter(out, manifest)
         self.num_steps = 0
@@ -226,7 +225,12 @@ def _check_no_buffers(model: nn.Module) -> None:
 def _check_entry_point(entry_point: str, model: nn.Module) -> None:
     """Build the entry point's model once and compare its parameters with ``model``."""
     factory = load_entry_point(entry_point)
-    built = factory()
+    try:
+        built = factory()
+    except Exception as error:  # noqa: BLE001 - any failure of the factory
+        raise ConfigError(
+            f"entry point {entry_point!r} failed ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(built, nn.Module):
         raise ConfigError(
             f"entry point {entry_point!r} returned {type(built).__name__}, not a "

@@ -154,7 +154,8 @@ def verify(
     if report.suspect_checkpoints:
         console.print(
             "checkpoints inconsistent with the steps on both sides (tampered "
-            "weights?): " + ", ".join(map(str, report.suspect_checkpoints))
+            "weights or optimizer state?): "
+            + ", ".join(map(str, report.suspect_checkpoints))
         )
     if report.accepted:
         console.print("[green]ACCEPTED[/green]")
