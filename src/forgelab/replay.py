@@ -415,7 +415,9 @@ def calibrate_tolerance(
             benign[source] = max(benign[source], distance)
             for key, state_distance in _state_distances(state, reference_state).items():
                 sources = benign_state.setdefault(key, dict.fromkeys(benign, 0.0))
-                sources[source] = max(sources[source], state_distance)
+                # mismatched entries (inf) must never widen a tolerance
+                if math.isfinite(state_distance):
+                    sources[source] = max(sources[source], state_distance)
     # if every benign recomputation agreed exactly, fall back to one unit of
     # round-off on the size of a typical update (or state) rather than zero
     eps = torch.finfo(trace.dtype).eps
