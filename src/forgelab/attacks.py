@@ -6,7 +6,9 @@ pool D' and a seeded generator, and returns a :class:`Forgery`.
 
 For plain SGD the forging error of a forged batch B' is the distance it leaves after
 one step, ``eps = eta * ||g(B) - g(B')||``. The re-evaluation's reference code reports
-``sqrt(eta) * ||g(B) - g(B')||`` instead; both are kept, under different names.
+``sqrt(eta) * ||g(B) - g(B')||`` instead; both are kept, under different names. For a
+stateful optimizer the forging error is the one-step weight distance from the same
+optimizer state (see :func:`forgelab.optim.measure_step_error`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import nn
 from forgelab.data import Dataset
 from forgelab.errors import ConfigError
 from forgelab.gradients import batch_gradient, iter_per_sample_gradients
+from forgelab.models import as_model_input
+from forgelab.optim import measure_step_error
 from forgelab.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -56,7 +60,7 @@ class AttackContext:
         for _, flat, values in iter_per_sample_gradients(
             self.model,
             self.loss,
-            self.inputs[indices].to(dtype),
+            as_model_input(self.inputs[indices], dtype),
             self.labels[indices],
             with_losses=True,
         ):
@@ -68,7 +72,10 @@ class AttackContext:
         """Gradient of the mean loss over the examples at ``indices``."""
         dtype = next(self.model.parameters()).dtype
         return batch_gradient(
-            self.model, self.loss, self.inputs[indices].to(dtype), self.labels[indices]
+            self.model,
+            self.loss,
+            as_model_input(self.inputs[indices], dtype),
+            self.labels[indices],
         )
 
 
@@ -225,6 +232,15 @@ def reeval_naive(
     return Forgery(forged, slots, draws[best], distances[best], context.lr)
 
 
+def _by_name(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a flattened gradient into tensors by parameter name."""
+    pieces, start = {}, 0
+    for name, param in model.named_parameters():
+        pieces[name] = flat[start : start + param.numel()].reshape(param.shape)
+        start += param.numel()
+    return pieces
+
+
 AttackFunction = Callable[..., Forgery]
 ATTACKS: dict[str, AttackFunction] = {"reeval": reeval}
 
@@ -237,10 +253,11 @@ class CheckpointForgery:
         step: Step count of the attacked checkpoint.
         run: Run number.
         attack: Attack name.
-        forging_error: ``eta * ||g(B) - g(B')||``.
+        forging_error: ``eta * ||g(B) - g(B')||``; for a stateful optimizer the
+            distance between the one-step updates from the checkpoint's state.
         paper_error: ``sqrt(eta) * ||g(B) - g(B')||`` (the reference code's figure).
         distance: ``||g(B) - g(B')||``.
-        update_norm: ``eta * ||g(B)||``, the size of the true step.
+        update_norm: The size of the true step (``eta * ||g(B)||`` for plain SGD).
         replaced_loss: Mean loss of the replaced examples.
         replaced_grad_norm: Mean per-sample gradient norm of the replaced examples.
         replaced: Indices of the replaced examples.
@@ -305,8 +322,6 @@ def attack_checkpoints(
         raise ConfigError("--every and --runs must be >= 1")
     if not 1 <= num_replaced <= trace.batch_size:
         raise ConfigError(f"-f must be between 1 and the batch size {trace.batch_size}")
-    if trace.optimizer.name != "sgd":
-        raise ConfigError("the checkpoint experiment is defined for SGD traces")
     positions = [
         position
         for position, entry in enumerate(trace.checkpoints[:-1])
@@ -335,15 +350,24 @@ def attack_checkpoints(
             forgery = ATTACKS[attack](
                 context, batch, slots, pool, rng, num_candidates=num_candidates
             )
-            step_size = context.lr * float(
-                torch.linalg.vector_norm(context.batch_gradient(batch))
-            )
+            true_gradient = context.batch_gradient(batch)
+            step_size = context.lr * float(torch.linalg.vector_norm(true_gradient))
+            forging_error = forgery.forging_error
+            if not trace.optimizer.is_stateless:
+                # one step from the checkpoint's optimizer state with g(B) and g(B')
+                forging_error, step_size = measure_step_error(
+                    trace.optimizer,
+                    checkpoint.params,
+                    checkpoint.optimizer_state,
+                    _by_name(model, true_gradient),
+                    _by_name(model, context.batch_gradient(forgery.batch)),
+                )
             records.append(
                 CheckpointForgery(
                     step=checkpoint.step,
                     run=run,
                     attack=attack,
-                    forging_error=forgery.forging_error,
+                    forging_error=forging_error,
                     paper_error=forgery.paper_error,
                     distance=forgery.distance,
                     update_norm=step_size,

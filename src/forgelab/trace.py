@@ -41,7 +41,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from forgelab.errors import TraceError
-from forgelab.models import LOSSES, MODELS, ModelSpec, build_model
+from forgelab.models import (
+    ENTRY_POINT_MODEL,
+    ENTRY_POINT_PATTERN,
+    LOSSES,
+    MODELS,
+    ModelSpec,
+    build_model,
+)
 from forgelab.optim import OPTIMIZERS, OptimizerConfig, export_state, state_keys
 
 logger = logging.getLogger(__name__)
@@ -93,7 +100,7 @@ MANIFEST_SCHEMA = {
             "type": "object",
             "required": ["name", "input_shape", "num_classes", "loss"],
             "properties": {
-                "name": {"enum": list(MODELS)},
+                "name": {"enum": [*MODELS, ENTRY_POINT_MODEL]},
                 "input_shape": {
                     "type": "array",
                     "items": {"type": "integer", "minimum": 1, "maximum": 10**6},
@@ -102,6 +109,12 @@ MANIFEST_SCHEMA = {
                 },
                 "num_classes": {"type": "integer", "minimum": 2, "maximum": 10**5},
                 "loss": {"enum": list(LOSSES)},
+                "vocab_size": {"type": "integer", "minimum": 2, "maximum": 10**7},
+                "entry_point": {
+                    "type": "string",
+                    "maxLength": 300,
+                    "pattern": ENTRY_POINT_PATTERN,
+                },
             },
         },
         "optimizer": {
@@ -314,21 +327,31 @@ class Trace:
         root: The trace directory.
         allow_incomplete: Accept a trace whose recording was interrupted; its valid
             part ends at the last checkpoint listed.
+        allow_import: For a trace whose model is built by an entry point
+            (``package.module:factory``), the entry point the caller trusts. The
+            model is imported, which runs its code, only if the manifest names this
+            same entry point; otherwise opening such a trace fails.
 
     Raises:
         TraceError: If anything in the manifest is malformed or unsafe.
     """
 
-    def __init__(self, root: str | Path, *, allow_incomplete: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        allow_incomplete: bool = True,
+        allow_import: str | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.allow_import = allow_import
         if not self.root.is_dir():
             raise TraceError(f"{self.root}: not a trace directory")
         self.manifest = self._read_manifest()
-        self.model_spec = ModelSpec(
-            self.manifest["model"]["name"],
-            tuple(self.manifest["model"]["input_shape"]),
-            self.manifest["model"]["num_classes"],
-        )
+        try:
+            self.model_spec = ModelSpec.from_manifest(self.manifest["model"])
+        except Exception as error:  # noqa: BLE001 - any bad field is a bad trace
+            raise TraceError(f"{self._manifest_path}: model: {error}") from None
         try:
             self.optimizer = OptimizerConfig.from_manifest(self.manifest["optimizer"])
         except Exception as error:  # noqa: BLE001 - any bad field is a bad trace
@@ -377,7 +400,8 @@ class Trace:
 
     def build_model(self) -> nn.Module:
         """A model of the trace's architecture and dtype (weights not loaded)."""
-        return build_model(self.model_spec).to(self.dtype)
+        model = build_model(self.model_spec, trusted_entry_point=self.allow_import)
+        return model.to(self.dtype)
 
     def _read_manifest(self) -> dict:
         path = self._manifest_path
@@ -456,7 +480,7 @@ class Trace:
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         try:
-            model = build_model(self.model_spec)
+            model = build_model(self.model_spec, trusted_entry_point=self.allow_import)
         except Exception as error:  # noqa: BLE001 - unbuildable spec is a bad trace
             raise TraceError(f"{self._manifest_path}: model: {error}") from None
         return {name: tuple(p.shape) for name, p in model.named_parameters()}

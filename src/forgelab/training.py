@@ -21,7 +21,13 @@ import torch
 from forgelab import __version__
 from forgelab.data import Dataset
 from forgelab.errors import ConfigError, TraceError
-from forgelab.models import ModelSpec, accuracy, build_model, compute_loss
+from forgelab.models import (
+    ModelSpec,
+    accuracy,
+    as_model_input,
+    build_model,
+    compute_loss,
+)
 from forgelab.optim import OptimizerConfig, build_optimizer, import_state
 from forgelab.trace import (
     DTYPES,
@@ -147,7 +153,7 @@ def record_trace(
     num_epochs = num_epochs or default_num_epochs(dataset.num_train, batch_size)
     if num_epochs < 1:
         raise ConfigError(f"number of epochs must be >= 1, got {num_epochs}")
-    spec = ModelSpec(model_name, dataset.domain.input_shape, dataset.domain.num_classes)
+    spec = ModelSpec.for_domain(model_name, dataset.domain)
     torch.manual_seed(seed)
     model = build_model(spec).to(DTYPES[dtype])
     manifest = {
@@ -231,7 +237,7 @@ def _train(
         for step in range(start, total):
             # load the batch this step uses
             indices = batch_at(seed, step, dataset.num_train, batch_size)
-            inputs = dataset.x_train[indices].to(dtype)
+            inputs = as_model_input(dataset.x_train[indices], dtype)
             labels = dataset.y_train[indices]
 
             # one optimizer update
