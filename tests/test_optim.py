@@ -195,8 +195,8 @@ def test_adam_forging_error_is_the_one_step_distance_from_the_same_state(
         assert list(batch[:1]) == record.replaced
         forged = batch.copy()
         forged[:1] = record.replacement
-        true_weights, _ = replayer.run(start, [batch], dtype=torch.float64)
-        forged_weights, _ = replayer.run(start, [forged], dtype=torch.float64)
+        true_weights, _ = replayer.replay(start, [batch], dtype=torch.float64)
+        forged_weights, _ = replayer.replay(start, [forged], dtype=torch.float64)
         replayed = float(torch.linalg.vector_norm(true_weights - forged_weights))
         assert record.forging_error == pytest.approx(replayed, rel=1e-3)
         assert 0 < record.forging_error < record.update_norm

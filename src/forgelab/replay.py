@@ -198,14 +198,14 @@ class Replayer:
         self.model = trace.build_model()
         self.names = [name for name, _ in self.model.named_parameters()]
 
-    def run(
+    def replay(
         self,
         start: Checkpoint,
         batches: list[np.ndarray],
         *,
         dtype: torch.dtype | None = None,
         permute: np.random.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Replay batches from a checkpoint.
 
         Args:
@@ -215,20 +215,9 @@ class Replayer:
             permute: If given, shuffle each batch's order with this generator.
 
         Returns:
-            The recomputed weights and optimizer state, each flattened.
+            The recomputed weights, flattened, and the optimizer state as one float64
+            vector per kind of state tensor.
         """
-        weights, optimizer = self._replay(start, batches, dtype, permute)
-        return weights, _flat_state(optimizer, self.model)
-
-    def replay(
-        self,
-        start: Checkpoint,
-        batches: list[np.ndarray],
-        *,
-        dtype: torch.dtype | None = None,
-        permute: np.random.Generator | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Like :meth:`run`, with the state as one float64 vector per kind of tensor."""
         weights, optimizer = self._replay(start, batches, dtype, permute)
         return weights, _state_by_key(optimizer, self.model)
 
@@ -259,16 +248,6 @@ class Replayer:
     def flat(self, checkpoint: Checkpoint) -> torch.Tensor:
         """A checkpoint's weights, flattened in the model's parameter order."""
         return torch.cat([checkpoint.params[n].reshape(-1) for n in self.names])
-
-    def flat_state(self, checkpoint: Checkpoint) -> torch.Tensor:
-        """A checkpoint's optimizer state, flattened like :func:`_flat_state`."""
-        parts = [
-            checkpoint.optimizer_state[name][key].reshape(-1).to(torch.float64)
-            for name in self.names
-            if name in checkpoint.optimizer_state
-            for key in sorted(checkpoint.optimizer_state[name])
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def state_by_key(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         """A checkpoint's optimizer state, one float64 vector per kind of tensor."""
@@ -349,16 +328,6 @@ def _state_by_key(
                     value.detach().reshape(-1).to(torch.float64)
                 )
     return {key: torch.cat(values) for key, values in sorted(parts.items())}
-
-
-def _flat_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.Tensor:
-    parts = []
-    for param in model.parameters():
-        state = optimizer.state.get(param, {})
-        for key in sorted(state):
-            if isinstance(state[key], torch.Tensor):
-                parts.append(state[key].detach().reshape(-1).to(torch.float64))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def calibrate_tolerance(
