@@ -7,6 +7,7 @@ exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,8 +48,19 @@ class OptimizerConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("momentum and weight decay must be non-negative")
+        if not (self.momentum >= 0 and self.weight_decay >= 0):
+            raise ConfigError(
+                f"momentum and weight decay must be non-negative, got "
+                f"{self.momentum} and {self.weight_decay}"
+            )
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps >= 0):
+            raise ConfigError(
+                f"Adam needs 0 <= beta1, beta2 < 1 and eps >= 0, got {self.beta1}, "
+                f"{self.beta2} and {self.eps}"
+            )
+        values = (self.lr, self.momentum, self.weight_decay, self.eps)
+        if not all(math.isfinite(value) for value in values):
+            raise ConfigError(f"optimizer settings must be finite, got {values}")
 
     @property
     def is_stateless(self) -> bool:
