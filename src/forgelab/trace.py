@@ -528,14 +528,16 @@ class Trace:
             raise TraceError(
                 f"{path}: first checkpoint is step {entries[0].step}, not 0"
             )
-        for previous, entry in zip(entries, entries[1:], strict=False):
-            gap = entry.step - previous.step
-            if gap <= 0:
-                kind = "duplicate" if gap == 0 else "out-of-order"
+        pairs = list(zip(entries, entries[1:], strict=False))
+        for previous, entry in pairs:
+            if entry.step <= previous.step:
+                kind = "duplicate" if entry.step == previous.step else "out-of-order"
                 raise TraceError(
                     f"{path}: {kind} checkpoint: step {entry.step} listed after "
                     f"step {previous.step}"
                 )
+        for previous, entry in pairs:
+            gap = entry.step - previous.step
             if gap > interval or (gap < interval and entry is not entries[-1]):
                 raise TraceError(
                     f"{path}: checkpoint missing between steps {previous.step} and "
