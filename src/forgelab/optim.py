@@ -73,8 +73,19 @@ class OptimizerConfig:
 
     @classmethod
     def from_manifest(cls, fields: dict) -> OptimizerConfig:
-        """Rebuild a configuration from a manifest entry."""
-        return cls(**fields)
+        """Rebuild a configuration from a manifest entry.
+
+        Numbers are converted to float, as the fields are declared, so that an
+        integer too large for a float is refused here rather than deep inside torch.
+        """
+        try:
+            values = {
+                key: value if key == "name" else float(value)
+                for key, value in fields.items()
+            }
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ConfigError(f"optimizer settings must be numbers ({error})") from None
+        return cls(**values)
 
 
 def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

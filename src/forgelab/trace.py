@@ -576,8 +576,10 @@ class Trace:
             path.resolve().relative_to(self.root.resolve())
         except ValueError:
             raise TraceError(f"{path}: leads outside the trace directory") from None
-        except OSError as error:
-            raise TraceError(f"{path}: cannot resolve ({error.strerror})") from None
+        except (OSError, RuntimeError) as error:
+            # Python 3.11 reports a symlink loop as RuntimeError, later ones as OSError
+            reason = getattr(error, "strerror", None) or "symlink loop"
+            raise TraceError(f"{path}: cannot resolve ({reason})") from None
         return path
 
     def _check_files(self) -> None:
