@@ -282,9 +282,26 @@ def encode_checkpoint(
     flat = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     tensors["batch_indices"] = torch.from_numpy(flat.astype(np.int64))
     tensors["batch_sizes"] = torch.tensor([len(b) for b in batches], dtype=torch.int64)
-    return save_safetensors(
-        tensors, metadata={"format": "forgelab-checkpoint", "step": str(step)}
+    payload = save_safetensors(
+        tensors, metadata={"format": CHECKPOINT_FORMAT, "step": str(step)}
     )
+    return _canonical_header(payload)
+
+
+def _canonical_header(payload: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys, so equal tensors give equal bytes.
+
+    The safetensors library stores its metadata in a hash map whose order varies
+    from one call to the next; two recordings of the same run would then differ in
+    their bytes and hashes though not in a single tensor. The data section and the
+    tensors' byte ranges, which are relative to it, are unchanged; the header is
+    padded with spaces to a multiple of 8 bytes, as the library does.
+    """
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + length :]
 
 
 class TraceWriter:
