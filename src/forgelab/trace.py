@@ -13,11 +13,17 @@ checkpoint (``batch_indices``, flat, and ``batch_sizes``). Step ``s`` is the upd
 turns checkpoint ``s - 1`` into checkpoint ``s``; checkpoint 0 holds the initial
 weights and no batch.
 
+Checkpoint ``s`` is always stored under the name ``checkpoints/step-%08d.safetensors``,
+its safetensors metadata records ``format`` and ``step``, and its header is written with
+sorted keys so that equal checkpoints are equal byte for byte.
+
 The trace comes from the party being audited, so the reader trusts nothing in it: only
-JSON and safetensors are parsed (nothing is unpickled), the manifest is validated
-against a schema, every path must stay inside the directory, sizes are checked before
-anything is read, and each checkpoint must match its recorded hash, the model's shapes
-and dtype, and the dataset's index range.
+JSON and safetensors are parsed (nothing is unpickled), the manifest is parsed strictly
+(see :mod:`forgelab.safeio`) and validated against a schema and across fields, every
+path must stay inside the directory, stray files that could pass for trace content are
+refused, sizes are checked before anything is read or built, and each checkpoint must
+match its recorded hash, then (from its header alone) the model's tensor names, shapes
+and dtype, then finite values, the batch size and the dataset's index range.
 """
 
 from __future__ import annotations
