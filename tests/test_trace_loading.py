@@ -511,3 +511,24 @@ def test_trace_reader_accepts_the_recorded_layout(tiny_trace_master):
     assert sorted(second.optimizer_state) == ["1.bias", "1.weight"]
     assert [len(b) for b in second.batches] == [200, 200]
     assert [len(b) for b in trace.load_checkpoint(4).batches] == [200]
+
+
+@pytest.mark.parametrize("tolerance", ["auto", "1e-6"])
+def test_a_run_killed_after_its_first_checkpoint_has_nothing_to_verify(
+    tiny_trace, capsys, tolerance
+):
+    def truncate(manifest):
+        manifest["checkpoints"] = manifest["checkpoints"][:1]
+        manifest["num_steps"] = 0
+        manifest["status"] = "recording"
+
+    edit_manifest(tiny_trace, truncate)
+    for path in (tiny_trace / "checkpoints").glob("step-0000000[1-9]*"):
+        path.unlink()
+    code = main(["verify", str(tiny_trace), "--tolerance", tolerance])
+    out, err = capsys.readouterr()
+    assert code == 2 and "ACCEPTED" not in out
+    assert err.strip() == (
+        f"forgelab: error: {tiny_trace / 'manifest.json'}: lists only checkpoint 0; "
+        "there is no step to verify"
+    )

@@ -387,7 +387,15 @@ def verify_trace(
 
     Returns:
         Per-segment errors, verdicts and the overall decision.
+
+    Raises:
+        TraceError: If the trace holds no step, or a checkpoint is malformed.
     """
+    if len(trace.checkpoints) < 2:
+        raise TraceError(
+            f"{trace.root / MANIFEST_NAME}: lists only checkpoint 0; there is no step "
+            "to verify"
+        )
     replayer = Replayer(trace, dataset)
     if calibration is None:
         if tolerance is None:
