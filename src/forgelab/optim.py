@@ -57,8 +57,19 @@ class OptimizerConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("momentum and weight decay must be non-negative")
+        if not (self.momentum >= 0 and self.weight_decay >= 0):
+            raise ConfigError(
+                f"momentum and weight decay must be non-negative, got "
+                f"{self.momentum} and {self.weight_decay}"
+            )
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps >= 0):
+            raise ConfigError(
+                f"Adam needs 0 <= beta1, beta2 < 1 and eps >= 0, got {self.beta1}, "
+                f"{self.beta2} and {self.eps}"
+            )
+        values = (self.lr, self.momentum, self.weight_decay, self.eps)
+        if not all(math.isfinite(value) for value in values):
+            raise ConfigError(f"optimizer settings must be finite, got {values}")
 
     @property
     def is_stateless(self) -> bool:
@@ -71,8 +82,19 @@ class OptimizerConfig:
 
     @classmethod
     def from_manifest(cls, fields: dict) -> OptimizerConfig:
-        """Rebuild a configuration from a manifest entry."""
-        return cls(**fields)
+        """Rebuild a configuration from a manifest entry.
+
+        Numbers are converted to float, as the fields are declared, so that an
+        integer too large for a float is refused here rather than deep inside torch.
+        """
+        try:
+            values = {
+                key: value if key == "name" else float(value)
+                for key, value in fields.items()
+            }
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ConfigError(f"optimizer settings must be numbers ({error})") from None
+        return cls(**values)
 
 
 def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -40,7 +40,7 @@ from forgelab.data import Dataset
 from forgelab.errors import TraceError
 from forgelab.models import as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
-from forgelab.trace import Checkpoint, Trace
+from forgelab.trace import MANIFEST_NAME, Checkpoint, Trace
 from forgelab.training import determinism
 
 logger = logging.getLogger(__name__)
@@ -158,18 +158,40 @@ def check_dataset(trace: Trace, dataset: Dataset) -> None:
     """Refuse to replay a trace on data other than the data it claims.
 
     Raises:
-        TraceError: If the dataset name or fingerprint differs.
+        TraceError: If the dataset's name, fingerprint or size, or the input shape
+            and number of classes the model was built for, differ from the verifier's
+            copy of the data.
     """
+    manifest = trace.root / MANIFEST_NAME
     claimed = trace.manifest["dataset"]
-    if claimed["name"] != dataset.name or claimed["fingerprint"] != dataset.fingerprint:
+    if claimed["name"] != dataset.name:
         raise TraceError(
-            f"{trace.root}: trace claims dataset {claimed['name']!r} with fingerprint "
-            f"{claimed['fingerprint'][:16]}..., but the verifier's copy "
-            f"({dataset.name}, {dataset.source}) has {dataset.fingerprint[:16]}...; "
-            f"point --data-dir at the data the trace was recorded on"
+            f"{manifest}: dataset.name is {claimed['name']!r}, but the verifier "
+            f"loaded {dataset.name!r}"
+        )
+    if claimed["fingerprint"] != dataset.fingerprint:
+        raise TraceError(
+            f"{manifest}: dataset.fingerprint {claimed['fingerprint'][:16]}... "
+            f"differs from the verifier's copy of {dataset.name} ({dataset.source}, "
+            f"{dataset.fingerprint[:16]}...); point --data-dir at the data the trace "
+            "was recorded on"
         )
     if claimed["num_train"] != dataset.num_train:
-        raise TraceError(f"{trace.root}: trace claims {claimed['num_train']} examples")
+        raise TraceError(
+            f"{manifest}: dataset.num_train is {claimed['num_train']}, the "
+            f"verifier's copy has {dataset.num_train} examples"
+        )
+    spec = trace.model_spec
+    if spec.input_shape != dataset.domain.input_shape:
+        raise TraceError(
+            f"{manifest}: model.input_shape {list(spec.input_shape)} differs from "
+            f"the dataset's {list(dataset.domain.input_shape)}"
+        )
+    if spec.num_classes != dataset.domain.num_classes:
+        raise TraceError(
+            f"{manifest}: model.num_classes {spec.num_classes} differs from the "
+            f"dataset's {dataset.domain.num_classes}"
+        )
 
 
 @contextlib.contextmanager
@@ -456,7 +478,15 @@ def verify_trace(
 
     Returns:
         Per-segment errors, verdicts and the overall decision.
+
+    Raises:
+        TraceError: If the trace holds no step, or a checkpoint is malformed.
     """
+    if len(trace.checkpoints) < 2:
+        raise TraceError(
+            f"{trace.root / MANIFEST_NAME}: lists only checkpoint 0; there is no step "
+            "to verify"
+        )
     replayer = Replayer(trace, dataset)
     if calibration is None:
         if tolerance is None:

@@ -19,6 +19,11 @@ from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
 __all__ = ["cli", "main"]
 
 
+def _one_line(error: Exception) -> str:
+    """An error message on one line, whatever the file names in it contain."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command line and map errors to exit codes."""
     try:
@@ -32,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         error_console.print("forgelab: aborted")
         code = EXIT_UNUSABLE
     except ForgelabError as error:
-        print(f"forgelab: error: {error}", file=sys.stderr)
+        print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = error.exit_code
     except OSError as error:
-        print(f"forgelab: error: {error}", file=sys.stderr)
+        print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = EXIT_UNUSABLE
     return EXIT_ACCEPTED if code is None else int(code)
 
