@@ -10,7 +10,7 @@ import torch
 
 from forgelab.attacks import attack_checkpoints
 from forgelab.cli import main
-from forgelab.errors import ConfigError
+from forgelab.errors import ConfigError, TraceError
 from forgelab.optim import (
     OptimizerConfig,
     build_optimizer,
@@ -166,9 +166,11 @@ def test_tampered_adam_step_count_is_rejected(stateful_traces, digits, tmp_path)
     copy = tmp_path / "trace"
     shutil.copytree(stateful_traces["adam"], copy)
     rewrite_checkpoint(copy, 2, _scale_state("step", 10.0))
-    report = verify_trace(Trace(copy), digits)
-    assert report.failed_steps == [2, 3]
-    assert report.segments[1].state_l2 >= 18.0  # one entry went from 2 to 20
+    # Adam's step count must equal the checkpoint's step: refused before any replay
+    with pytest.raises(
+        TraceError, match="step-00000002.safetensors: optim/.*/step is 20"
+    ):
+        verify_trace(Trace(copy), digits)
 
 
 def test_adam_forging_error_is_the_one_step_distance_from_the_same_state(

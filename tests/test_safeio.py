@@ -1,5 +1,7 @@
 import json
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +127,15 @@ def test_adam_traces_carry_a_checked_step_count(tmp_path, digits):
     rewrite_checkpoint(trace_dir, 2, change)
     with pytest.raises(TraceError, match=r"optim/1.bias/step is 5, expected 2"):
         Trace(trace_dir).load_checkpoint(2)
+
+
+def test_header_length_starting_with_the_pickle_marker_is_still_safetensors():
+    """A header of 640 bytes begins with 0x80 0x02, the opening of a pickle."""
+    payload = save({"a": torch.zeros(3)}, metadata={"format": "x" * 549})
+    assert payload[:2] == b"\x80\x02"
+    tensors, metadata = read_safetensors_header(Path("x"), payload)
+    assert tensors["a"].shape == (3,)
+    assert metadata["format"] == "x" * 549
+    pickled = pickle.dumps({"a": 1}, protocol=2)
+    with pytest.raises(TraceError, match="is a Python pickle"):
+        read_safetensors_header(Path("x"), pickled)

@@ -250,15 +250,19 @@ def read_safetensors_header(
             truncated, oversized, not strict JSON, or describes tensors that do not
             tile the data section exactly.
     """
+    length = int.from_bytes(payload[:8], "little") if len(payload) >= 8 else 0
+    fits = 2 <= length <= min(MAX_HEADER_BYTES, len(payload) - 8)
+    # a pickle's first bytes can also read as a plausible header length, and a
+    # header length can start with the pickle marker byte: only a file whose header
+    # is not a JSON object is named as a pickle
     kind = _looks_like_pickle(payload)
-    if kind is not None:
+    if kind is not None and not (fits and payload[8:9] == b"{"):
         raise TraceError(
             f"{path}: is {kind}, not safetensors; forgelab never unpickles a trace"
         )
     if len(payload) < 8:
         raise TraceError(f"{path}: truncated safetensors file ({len(payload)} bytes)")
-    length = int.from_bytes(payload[:8], "little")
-    if length > min(MAX_HEADER_BYTES, len(payload) - 8) or length < 2:
+    if not fits:
         raise TraceError(
             f"{path}: safetensors header length {length} does not fit the "
             f"{len(payload)}-byte file"
