@@ -360,7 +360,7 @@ def single_example_forgeries(
     domain: Domain,
     scale: np.ndarray,
 ) -> SingleExampleSummary:
-    """Decide for every example whether a distinct in-domain example shares its gradient.
+    """Decide for every example whether another in-domain example shares its gradient.
 
     Uses the closed form of :func:`equivalent_example`: with a bias only the example
     itself qualifies (unless the residual is zero, which never happens for softmax

@@ -275,7 +275,9 @@ def exact_search(
         raise ConfigError(
             f"tolerance and lr must be positive, got {tolerance} and {lr}"
         )
-    original = sorted(space.index_of(lv, lab) for lv, lab in zip(levels, labels))
+    original = sorted(
+        space.index_of(lv, lab) for lv, lab in zip(levels, labels, strict=True)
+    )
     target = model.batch_gradient(
         space.inputs(levels), one_hot(labels, model.num_classes)
     )
@@ -352,6 +354,9 @@ def _pair_search(
     within: dict[str, int] = {}
     closest = min(found.values()) if found else None
     for factor in radius_factors:
+        if factor == 1:
+            within["1"] = len(found)
+            continue
         limit = 2 * factor * tolerance / lr
         ordered = 0
         for start in range(0, num, QUERY_CHUNK):
@@ -359,9 +364,7 @@ def _pair_search(
             ordered += int(
                 tree.query_ball_point(queries, limit, return_length=True).sum()
             )
-        diagonal = int(
-            (np.linalg.norm(doubled - 2 * gradients, axis=1) <= limit).sum()
-        )
+        diagonal = int((np.linalg.norm(doubled - 2 * gradients, axis=1) <= limit).sum())
         within[f"{factor:g}"] = (ordered + diagonal) // 2 - 1
     forgery = None
     if found:
