@@ -66,10 +66,10 @@ def theory(
         )
     for row in result.relaxed:
         table.add_row(
-            f"relaxed search b = {row['batch_size']}: relaxed / projected error",
+            f"b = {row['batch_size']} from {row['start']}: real / projected error",
             f"{row['relaxed_error']:.1e} / {row['projected_error']:.1e}",
         )
-    spread = max(row["max_distance"] for row in result.reorder)
+    spread = max(row["max_update_distance"] for row in result.reorder)
     table.add_row(
         "reordering spread / calibrated tau",
         f"{spread:.1e} / {result.calibration['tolerance']:.1e}",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from forgelab.errors import ConfigError
-from forgelab.gradients import batch_gradient
+from forgelab.gradients import batch_gradient, flatten_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class ReorderSummary:
         median_distance: Median distance of a reordered gradient to the original
             order's.
         lr: Learning rate converting gradient distances into weight distances.
+        num_distinct_updates: Distinct float32 weights ``W - lr * g`` after one SGD
+            step from the same weights (what a verifier compares).
+        max_update_distance: Largest L2 distance between two of those weights.
         distances: Distance of every tried ordering's gradient to the original's.
     """
 
@@ -53,6 +56,8 @@ class ReorderSummary:
     max_distance: float
     median_distance: float
     lr: float
+    num_distinct_updates: int
+    max_update_distance: float
     distances: list[float] = field(default_factory=list, repr=False)
 
 
@@ -98,7 +103,9 @@ def reorder_gradients(
             rng.permutation(batch_size).tolist() for _ in range(num_orders - 1)
         ]
     dtype = next(model.parameters()).dtype
+    weights = flatten_parameters(model)
     distinct: dict[bytes, torch.Tensor] = {}
+    updates: dict[bytes, torch.Tensor] = {}
     distances = []
     reference = None
     for order in orders:
@@ -111,17 +118,10 @@ def reorder_gradients(
             lr * float(torch.linalg.vector_norm(gradient.to(torch.float64) - reference))
         )
         distinct.setdefault(gradient.numpy().tobytes(), gradient.to(torch.float64))
-    stacked = torch.stack(list(distinct.values()))
-    spread = (
-        lr
-        * float(
-            torch.cdist(
-                stacked, stacked, compute_mode="donot_use_mm_for_euclid_dist"
-            ).max()
-        )
-        if len(stacked) > 1
-        else 0
-    )
+        updated = weights - lr * gradient
+        updates.setdefault(updated.numpy().tobytes(), updated.to(torch.float64))
+    spread = lr * _largest_distance(list(distinct.values()))
+    update_spread = _largest_distance(list(updates.values()))
     summary = ReorderSummary(
         model=name,
         batch_size=batch_size,
@@ -131,7 +131,19 @@ def reorder_gradients(
         max_distance=spread,
         median_distance=float(np.median(distances[1:])) if len(distances) > 1 else 0,
         lr=lr,
+        num_distinct_updates=len(updates),
+        max_update_distance=update_spread,
         distances=distances,
     )
     logger.info("reordering: %s", summary)
     return summary
+
+
+def _largest_distance(vectors: list[torch.Tensor]) -> float:
+    if len(vectors) < 2:
+        return 0.0
+    stacked = torch.stack(vectors)
+    distances = torch.cdist(
+        stacked, stacked, compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    return float(distances.max())
