@@ -80,6 +80,8 @@ class TheorySettings:
         num_reorder_batches: Logged batches whose reorderings are counted.
         num_orders: Orderings sampled per batch of 100.
         calibration_steps: Steps sampled by the tolerance calibration.
+        trace_examples: Training examples of the short trace recorded to
+            calibrate tau (one epoch, batch 100).
         search_shape: Downsampled image shape of the exact search; None for the
             dataset's default in :data:`SEARCH_SHAPES`.
     """
@@ -89,10 +91,11 @@ class TheorySettings:
     seed: int = 2024
     batch_sizes: tuple[int, ...] = (2, 16, 100)
     relaxed_batch_sizes: tuple[int, ...] = (1, 4, 16)
-    relaxed_steps: int = 150
-    num_network_examples: int = 32
-    num_reorder_batches: int = 3
-    num_orders: int = 30
+    relaxed_steps: int = 100
+    num_network_examples: int = 16
+    num_reorder_batches: int = 2
+    num_orders: int = 20
+    trace_examples: int = 1000
     calibration_steps: int = 8
     search_shape: tuple[int, int] | None = None
 
@@ -155,10 +158,11 @@ def run_theory(
         ("float order", _reorder),
     ]
     progress = task("theory") if task else None
+    fitted: dict[tuple[str, bool], LinearModel] = {}
     for done, (name, stage) in enumerate(stages):
         started = time.perf_counter()
         logger.info("theory: %s", name)
-        stage(dataset, out, settings, result)
+        stage(dataset, out, settings, result, fitted)
         result.seconds[name] = time.perf_counter() - started
         if progress is not None:
             progress(done + 1, len(stages))
@@ -178,7 +182,11 @@ def _rng(settings: TheorySettings, stream: int) -> np.random.Generator:
 
 
 def _calibrate(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
     from forgelab.optim import OptimizerConfig
     from forgelab.replay import calibrate_tolerance
@@ -193,7 +201,7 @@ def _calibrate(
     model = TRACE_MODELS[dataset.name]
     record_trace(
         trace_dir,
-        dataset,
+        dataset.subset(min(settings.trace_examples, dataset.num_train)),
         model,
         optimizer=OptimizerConfig(lr=settings.lr),
         num_epochs=1,
@@ -201,7 +209,10 @@ def _calibrate(
     )
     trace = Trace(trace_dir)
     calibration = calibrate_tolerance(
-        trace, dataset, num_segments=settings.calibration_steps, seed=settings.seed
+        trace,
+        dataset.subset(min(settings.trace_examples, dataset.num_train)),
+        num_segments=settings.calibration_steps,
+        seed=settings.seed,
     )
     result.calibration = {
         "model": model,
@@ -214,15 +225,18 @@ def _calibrate(
 
 
 def _linear(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
     inputs = dataset.raw_train / dataset.scale
     labels = dataset.y_train.numpy()
-    models = {
-        (kind, bias): fit_linear_model(kind, inputs, labels, 10, bias=bias)
-        for kind in KINDS
-        for bias in (False, True)
-    }
+    models = fitted
+    for kind in KINDS:
+        for bias in (False, True):
+            models[(kind, bias)] = fit_linear_model(kind, inputs, labels, 10, bias=bias)
     for model in models.values():
         summary = single_example_forgeries(
             model, dataset.raw_train, labels, dataset.domain, dataset.scale
@@ -332,7 +346,11 @@ def _plot_constructions(rows: list[dict], path: Path) -> None:
 
 
 def _exact(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
     height, width = dataset.domain.input_shape[1:]
     shape = settings.search_shape or SEARCH_SHAPES[dataset.name]
@@ -383,12 +401,14 @@ def _torch_logreg(model: LinearModel, dataset: Dataset) -> torch.nn.Module:
 
 
 def _relaxed(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
-    inputs = dataset.raw_train / dataset.scale
-    labels = dataset.y_train.numpy()
-    fitted = fit_linear_model("softmax", inputs, labels, 10, bias=True)
-    net = _torch_logreg(fitted, dataset)
+    model = fitted[("softmax", True)]
+    net = _torch_logreg(model, dataset)
     rng = _rng(settings, 3)
     histories = {}
     for batch_size in settings.relaxed_batch_sizes:
@@ -415,7 +435,7 @@ def _relaxed(
         result.relaxed.append(row)
         if batch_size >= 2:
             result.relaxed.append(
-                _project_construction(fitted, dataset, target, settings)
+                _project_construction(model, dataset, target, settings)
             )
     figure, axes = plt.subplots(figsize=(8, 4))
     for batch_size, found in histories.items():
@@ -496,7 +516,11 @@ def _project_construction(
 
 
 def _networks(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
     count = settings.num_network_examples
     inputs, labels = dataset.x_train[:count], dataset.y_train[:count]
@@ -532,11 +556,16 @@ def _networks(
 
 
 def _reorder(
-    dataset: Dataset, out: Path, settings: TheorySettings, result: TheoryResult
+    dataset: Dataset,
+    out: Path,
+    settings: TheorySettings,
+    result: TheoryResult,
+    fitted: dict,
 ) -> None:
     from forgelab.trace import Trace
 
     trace = Trace(out / "trace")
+    dataset = dataset.subset(trace.num_train)
     model = trace.build_model()
     last = trace.load_checkpoint(len(trace.checkpoints) - 1)
     trace.load_weights_into(model, last)
@@ -619,7 +648,8 @@ def render_report(result: TheoryResult) -> str:
         f"distance after one SGD step with eta = {lr:g}. Decisions use tau = "
         f"{tau:.1e} (the re-evaluation's threshold). For comparison, forgelab's "
         f"verifier calibrated tau = {calibration['tolerance']:.2e} on a "
-        f"{calibration['num_steps']}-step {calibration['model']} trace of this data "
+        f"{calibration['num_steps']}-step {calibration['model']} trace of the first "
+        f"{settings['trace_examples']} training examples "
         "(10 x the largest benign distance: "
         + ", ".join(f"{k} {v:.1e}" for k, v in calibration["benign"].items())
         + ").",
