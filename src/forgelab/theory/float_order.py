@@ -46,6 +46,8 @@ class ReorderSummary:
             step from the same weights (what a verifier compares).
         max_update_distance: Largest L2 distance between two of those weights.
         distances: Distance of every tried ordering's gradient to the original's.
+        update_distances: Distance of every tried ordering's weights after the step
+            to the original order's.
     """
 
     model: str
@@ -59,6 +61,7 @@ class ReorderSummary:
     num_distinct_updates: int
     max_update_distance: float
     distances: list[float] = field(default_factory=list, repr=False)
+    update_distances: list[float] = field(default_factory=list, repr=False)
 
 
 def reorder_gradients(
@@ -106,8 +109,8 @@ def reorder_gradients(
     weights = flatten_parameters(model)
     distinct: dict[bytes, torch.Tensor] = {}
     updates: dict[bytes, torch.Tensor] = {}
-    distances = []
-    reference = None
+    distances, update_distances = [], []
+    reference = reference_update = None
     for order in orders:
         gradient = batch_gradient(
             model, loss, inputs[order].to(dtype), labels[order]
@@ -119,6 +122,13 @@ def reorder_gradients(
         )
         distinct.setdefault(gradient.numpy().tobytes(), gradient.to(torch.float64))
         updated = weights - lr * gradient
+        if reference_update is None:
+            reference_update = updated.to(torch.float64)
+        update_distances.append(
+            float(
+                torch.linalg.vector_norm(updated.to(torch.float64) - reference_update)
+            )
+        )
         updates.setdefault(updated.numpy().tobytes(), updated.to(torch.float64))
     spread = lr * _largest_distance(list(distinct.values()))
     update_spread = _largest_distance(list(updates.values()))
@@ -134,6 +144,7 @@ def reorder_gradients(
         num_distinct_updates=len(updates),
         max_update_distance=update_spread,
         distances=distances,
+        update_distances=update_distances,
     )
     logger.info("reordering: %s", summary)
     return summary
