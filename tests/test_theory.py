@@ -137,6 +137,7 @@ def test_single_example_forgeries_on_hand_built_data():
     # image has in-range rescalings s in {0.5, 1.5, 2, 2.5} but none of them gets a
     # one-hot label; the third has none
     assert no_bias.num_zero_inputs == 1
+    assert no_bias.num_zero_residuals == 0
     assert no_bias.num_with_rescaling == 1
     assert no_bias.num_candidates == 4
     assert no_bias.num_forgeable == 1
@@ -428,3 +429,4 @@ def test_theory_rejects_other_datasets(tmp_path):
     with pytest.raises(ConfigError, match="breast-cancer"):
         run_theory(load_dataset("breast-cancer"), tmp_path)
     assert main(["theory", "--dataset", "cifar", "--out", str(tmp_path)]) == 2
+    assert main(["theory", "--tolerance", "-1", "--out", str(tmp_path)]) == 2

@@ -311,6 +311,9 @@ class SingleExampleSummary:
         model: Model description, e.g. ``"softmax, no bias"``.
         num_examples: Examples checked.
         num_zero_inputs: All-zero inputs (their gradient is zero without a bias).
+        num_zero_residuals: Examples whose residual is zero (L2 <= 1e-12): their
+            gradient is zero and any in-domain example with a zero gradient would
+            forge them; they are counted here and not decided.
         num_with_rescaling: Examples whose input has a distinct rescaling ``s x``
             on the grid (whether or not the model allows it).
         num_candidates: Distinct in-range rescalings tried over all examples.
@@ -326,6 +329,7 @@ class SingleExampleSummary:
     model: str
     num_examples: int
     num_zero_inputs: int
+    num_zero_residuals: int
     num_with_rescaling: int
     num_candidates: int
     num_forgeable: int
@@ -344,6 +348,7 @@ class SingleExampleSummary:
             "model": self.model,
             "num_examples": self.num_examples,
             "num_zero_inputs": self.num_zero_inputs,
+            "num_zero_residuals": self.num_zero_residuals,
             "num_with_rescaling": self.num_with_rescaling,
             "num_candidates": self.num_candidates,
             "num_forgeable": self.num_forgeable,
@@ -363,9 +368,10 @@ def single_example_forgeries(
     """Decide for every example whether another in-domain example shares its gradient.
 
     Uses the closed form of :func:`equivalent_example`: with a bias only the example
-    itself qualifies (unless the residual is zero, which never happens for softmax
-    regression); without one, the candidates are the grid rescalings ``s x`` with the
-    label they require, which must be one-hot. An all-zero input has a zero gradient
+    itself qualifies (unless its residual is zero, which never happens for softmax
+    regression; such examples are counted and left undecided); without one, the
+    candidates are the grid rescalings ``s x`` with the label they require, which
+    must be one-hot. An all-zero input has a zero gradient
     without a bias and is forged by the same input with any other label.
 
     Args:
@@ -387,6 +393,7 @@ def single_example_forgeries(
     targets = one_hot(labels, model.num_classes)
     basis = np.eye(model.num_classes)
     gaps = np.full(len(levels), np.inf)
+    residual_norms = np.linalg.norm(model.residuals(inputs, targets), axis=1)
     num_zero = num_rescalable = num_candidates = num_forgeable = 0
     best_error = np.inf
     for index, example_levels in enumerate(levels):
@@ -420,6 +427,7 @@ def single_example_forgeries(
         model=model.describe(),
         num_examples=len(levels),
         num_zero_inputs=num_zero,
+        num_zero_residuals=int((residual_norms <= 1e-12).sum()),
         num_with_rescaling=num_rescalable,
         num_candidates=num_candidates,
         num_forgeable=num_forgeable,

@@ -664,15 +664,16 @@ def render_report(result: TheoryResult) -> str:
         "",
         "| model | train acc. | examples | grid rescalings s x (s != 1) exist | "
         "candidates tried | distinct in-domain forgery | closest label gap | "
-        "its gradient error |",
-        "|---|---|---|---|---|---|---|---|",
+        "its gradient error | zero residual (undecided) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result.single:
         lines.append(
             f"| {row['model']} | {row['train_accuracy']:.1%} | {row['num_examples']} "
             f"| {row['num_with_rescaling']} | {row['num_candidates']} | "
             f"{row['num_forgeable']} ({row['fraction_forgeable']:.1%}) | "
-            f"{_e(row['label_gap_min'])} | {_e(row['gradient_error_min'])} |"
+            f"{_e(row['label_gap_min'])} | {_e(row['gradient_error_min'])} | "
+            f"{row['num_zero_residuals']} |"
         )
     lines += [
         "",
