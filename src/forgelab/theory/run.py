@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -294,6 +295,8 @@ def _plot_family(
             axis.plot(scales, np.maximum(gaps, 1e-17), lw=1, label=f"example {index}")
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
         axis.axvline(1.0, color="k", ls=":", lw=0.8)
         axis.set_xlabel("input scale s (x' = s x)")
         axis.set_title(f"{model.describe()}", fontsize=9)
