@@ -135,6 +135,8 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     parameters = list(model.parameters())
     if not parameters:
         return "the model has no parameters"
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(parameters):
+        return "a parameter is shared by several layers or uses"
     if not all(p.requires_grad for p in parameters):
         return "some parameters do not require gradients"
     return None
@@ -292,8 +294,9 @@ def _linear_grads(
     features_in = activation.shape[-1]
     weights = target.view(count, features_out, features_in)
     if activation.dim() == 2:
-        # one input vector per example: an outer product, written in place
-        torch.mul(backprop.unsqueeze(2), activation.unsqueeze(1), out=weights)
+        # one input vector per example: an outer product, written in place (as a
+        # batched matrix product, which on a CPU stores faster than a broadcast mul)
+        torch.bmm(backprop.unsqueeze(2), activation.unsqueeze(1), out=weights)
     else:
         # a sequence of vectors per example: sum the outer products over positions
         weights.copy_(
@@ -372,10 +375,20 @@ def _vmap_chunk(
     labels: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Write a chunk's per-sample gradients into ``out`` with vmap; return losses."""
+    """Write a chunk's per-sample gradients into ``out`` with vmap; return losses.
+
+    ``functional_call`` in torch 2.13 can leave plain tensors in place of a
+    parameter that several modules share; the model's own parameters are put back
+    afterwards.
+    """
     names = [name for name, _ in model.named_parameters()]
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
+    owned = [
+        (module, name, param)
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+    ]
 
     def example_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple:
         logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
@@ -383,7 +396,12 @@ def _vmap_chunk(
         return value, value.detach()
 
     per_example = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))
-    grads, values = per_example(params, inputs, labels)
+    try:
+        grads, values = per_example(params, inputs, labels)
+    finally:
+        for module, name, param in owned:
+            if getattr(module, name) is not param:
+                setattr(module, name, param)
     count = inputs.shape[0]
     torch.cat([grads[name].reshape(count, -1) for name in names], dim=1, out=out)
     return values
@@ -416,8 +434,10 @@ def _fill_chunks(
     if reuse_buffer and out is None:
         buffer = torch.empty(step, width, dtype=param.dtype, device=param.device)
     for start in range(0, inputs.shape[0], step):
-        # take the chunk, in the model's dtype, and the rows it fills
-        chunk_inputs = inputs[start : start + step].to(param.dtype)
+        # take the chunk (float inputs in the model's dtype) and the rows it fills
+        chunk_inputs = inputs[start : start + step]
+        if chunk_inputs.is_floating_point():
+            chunk_inputs = chunk_inputs.to(param.dtype)
         chunk_labels = labels[start : start + step]
         count = chunk_inputs.shape[0]
         if out is not None:
@@ -463,8 +483,8 @@ def iter_per_sample_gradients(
         model: The model at the weights of interest; its ``.grad`` fields are
             unchanged.
         loss: Loss name.
-        inputs: Inputs, shape ``(n, *input_shape)``; each chunk is converted to the
-            model's dtype.
+        inputs: Inputs, shape ``(n, *input_shape)``; floating-point chunks are
+            converted to the model's dtype (token indices stay integers).
         labels: Labels, shape ``(n,)``.
         chunk_size: Examples per chunk; by default as many as fit in
             :data:`DEFAULT_CHUNK_BYTES`.

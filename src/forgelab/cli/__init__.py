@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from forgelab.cli import forge, reproduce, train, verify  # noqa: F401 - registers
+from forgelab.cli import bench, forge, reproduce, train, verify  # noqa: F401 - registers
 from forgelab.cli.base import cli, error_console
 from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
 
