@@ -405,3 +405,36 @@ def test_subset_distances_sum_the_rows_of_each_subset():
     torch.testing.assert_close(distances, expected)
     with pytest.raises(ConfigError, match="cannot rank"):
         subset_distances(rows, subsets[:, 0], target)
+
+
+def test_several_targets_and_per_layer_distances(mnist):
+    torch.manual_seed(13)
+    model = build_model(ModelSpec("lenet", (1, 28, 28), 10))
+    inputs, labels = mnist.x_train[:11], mnist.y_train[:11]
+    grads = per_sample_gradients(model, "cross_entropy", inputs, labels).double()
+    targets = torch.stack([grads[2], grads[7] - grads[3]]).float()
+    difference = grads.unsqueeze(0) - targets.double().unsqueeze(1)
+    expected = torch.linalg.vector_norm(difference, dim=2)
+    distances = gradient_distances(
+        targets, model, "cross_entropy", inputs, labels, chunk_size=4
+    )
+    assert distances.shape == (2, 11)
+    torch.testing.assert_close(distances, expected, rtol=1e-5, atol=1e-6)
+    indices, best = nearest_rows(
+        targets, model, "cross_entropy", inputs, labels, k=3, chunk_size=4
+    )
+    assert indices.shape == best.shape == (2, 3)
+    assert indices[0, 0] == 2
+    for row in range(2):
+        assert indices[row].tolist() == torch.argsort(expected[row])[:3].tolist()
+    # per-layer distance: sum of the L2 norms of each layer's block
+    slices = [slice(0, 156), slice(156, 2572), slice(2572, grads.shape[1])]
+    per_layer = gradient_distances(
+        targets[0], model, "cross_entropy", inputs, labels, slices=slices
+    )
+    manual = sum(torch.linalg.vector_norm(difference[0][:, s], dim=1) for s in slices)
+    torch.testing.assert_close(per_layer, manual, rtol=1e-5, atol=1e-6)
+    sums = subset_distances(
+        grads.float(), torch.tensor([[2], [5]]), targets[0], slices=slices
+    )
+    torch.testing.assert_close(sums, manual[[2, 5]], rtol=1e-5, atol=1e-6)

@@ -78,6 +78,8 @@ class BenchSettings:
         seed: Seed of models, batches and random data.
         data_dir: Full MNIST IDX files for the large pool (random data if None).
         only: Measurements to run, a subset of :data:`MEASUREMENTS`.
+        profile: Also profile the per-sample engine (torch.profiler) and record the
+            share of time of its most expensive operators.
     """
 
     models: tuple[str, ...] = ("lenet", "mlp")
@@ -91,6 +93,7 @@ class BenchSettings:
     seed: int = 2024
     data_dir: Path | None = None
     only: tuple[str, ...] = MEASUREMENTS
+    profile: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.only) - set(MEASUREMENTS))
@@ -214,6 +217,11 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
         "write_only": lambda: writes.fill_(1.0),
     }
     timing = time_interleaved(sides, settings.repeats)
+    profile = (
+        profile_operators(sides["engine"], settings.repeats)
+        if settings.profile
+        else None
+    )
     fast = per_sample_gradients(model, loss, inputs, labels)
     slow = per_sample_gradients_loop(model, loss, inputs, labels)
     per_example = {
@@ -235,7 +243,40 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
         "loop_over_batched": timing.ratio("loop", "batched"),
         "max_abs_difference_vs_loop": float((fast - slow).abs().max()),
         "max_abs_gradient": float(slow.abs().max()),
+        "engine_profile": profile,
     }
+
+
+def profile_operators(
+    function: Callable[[], object], repeats: int, top: int = 6
+) -> list[dict]:
+    """The operators that take most of a function's time, by torch.profiler.
+
+    Args:
+        function: What to profile.
+        repeats: Calls profiled.
+        top: Operators kept.
+
+    Returns:
+        ``{"operator", "share", "ms_per_call"}`` rows, largest share first; share is
+        of the total self CPU time of all operators.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(repeats):
+            function()
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events) or 1.0
+    ranked = sorted(events, key=lambda event: -event.self_cpu_time_total)[:top]
+    return [
+        {
+            "operator": event.key,
+            "share": event.self_cpu_time_total / total,
+            "ms_per_call": event.self_cpu_time_total / 1e3 / repeats,
+        }
+        for event in ranked
+    ]
 
 
 def measure_reeval(settings: BenchSettings) -> dict:

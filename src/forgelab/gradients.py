@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 """Default memory budget for one chunk of flattened per-sample gradients."""
 
+STREAM_CHUNK_BYTES = 16 * 2**20
+"""Default size of the one buffer that streamed chunks of gradients are written to."""
+
 ENGINES = ("auto", "layerwise", "vmap")
 """Names accepted by the ``engine`` arguments of this module."""
 
@@ -429,7 +432,13 @@ def _fill_chunks(
     chosen = select_engine(model, engine)
     param = next(model.parameters())
     width = num_parameters(model)
-    step = min(chunk_size or chunk_size_for(model), max(1, inputs.shape[0]))
+    if chunk_size is None:
+        chunk_size = chunk_size_for(model)
+        if reuse_buffer:
+            # a buffer this small is recycled by the C allocator from call to call
+            # instead of being mapped afresh (and page-faulted) every time
+            chunk_size = min(chunk_size, chunk_size_for(model, 3 * STREAM_CHUNK_BYTES))
+    step = min(chunk_size, max(1, inputs.shape[0]))
     buffer = None
     if reuse_buffer and out is None:
         buffer = torch.empty(step, width, dtype=param.dtype, device=param.device)
@@ -487,7 +496,8 @@ def iter_per_sample_gradients(
             converted to the model's dtype (token indices stay integers).
         labels: Labels, shape ``(n,)``.
         chunk_size: Examples per chunk; by default as many as fit in
-            :data:`DEFAULT_CHUNK_BYTES`.
+            :data:`DEFAULT_CHUNK_BYTES`, or in :data:`STREAM_CHUNK_BYTES` with
+            ``reuse_buffer``.
         with_losses: Also yield each example's loss.
         engine: ``"auto"``, ``"layerwise"`` or ``"vmap"`` (see the module docstring).
         reuse_buffer: Write every chunk into the same buffer. Each yielded gradient
@@ -573,23 +583,41 @@ def per_sample_gradients(
     return out
 
 
-def _check_target(target: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def _check_targets(targets: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Targets as a ``(t, num_parameters)`` matrix in the model's dtype."""
     width = num_parameters(model)
-    if tuple(target.shape) != (width,):
+    if targets.dim() not in (1, 2) or targets.shape[-1] != width:
         raise ConfigError(
-            f"target gradient has shape {tuple(target.shape)}; the model has "
+            f"target gradient has shape {tuple(targets.shape)}; the model has "
             f"{width} parameters"
         )
-    return target.to(next(model.parameters()).dtype)
+    return targets.reshape(-1, width).to(next(model.parameters()).dtype)
 
 
-def _distances_in_place(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``||row - target||`` per row, overwriting ``rows`` with the differences."""
-    return torch.linalg.vector_norm(rows.sub_(target), dim=1).to(torch.float64)
+def _norms(difference: torch.Tensor, slices: list[slice] | None) -> torch.Tensor:
+    """Row norms in float64: L2, or the sum of the L2 norms of column slices."""
+    if slices is None:
+        return torch.linalg.vector_norm(difference, dim=1).to(torch.float64)
+    total = torch.zeros(difference.shape[0], dtype=torch.float64)
+    for part in slices:
+        total += torch.linalg.vector_norm(difference[:, part], dim=1)
+    return total
+
+
+def _distances_to_targets(
+    rows: torch.Tensor, targets: torch.Tensor, slices: list[slice] | None
+) -> torch.Tensor:
+    """``(t, rows)`` distances; ``rows`` is used as scratch and overwritten."""
+    if targets.shape[0] == 1:
+        return _norms(rows.sub_(targets[0]), slices).unsqueeze(0)
+    scratch = torch.empty_like(rows)
+    return torch.stack(
+        [_norms(torch.sub(rows, target, out=scratch), slices) for target in targets]
+    )
 
 
 def gradient_distances(
-    target: torch.Tensor,
+    targets: torch.Tensor,
     model: nn.Module,
     loss: str,
     inputs: torch.Tensor,
@@ -597,30 +625,35 @@ def gradient_distances(
     *,
     chunk_size: int | None = None,
     engine: str = "auto",
+    slices: list[slice] | None = None,
 ) -> torch.Tensor:
-    """L2 distance of every example's per-sample gradient to a target gradient.
+    """Distances of every example's per-sample gradient to one or more targets.
 
     The gradients stream through one reused chunk buffer and are never held all at
     once, so memory stays bounded by the chunk size whatever the number of examples.
 
     Args:
-        target: A flattened gradient, length ``num_parameters(model)``.
+        targets: A flattened gradient of length ``num_parameters(model)``, or a
+            ``(t, num_parameters)`` matrix of them.
         model: The model at the weights of interest.
         loss: Loss name.
         inputs: Inputs of the examples, shape ``(n, *input_shape)``.
         labels: Their labels, shape ``(n,)``.
         chunk_size: Examples per chunk (see :func:`iter_per_sample_gradients`).
         engine: ``"auto"``, ``"layerwise"`` or ``"vmap"``.
+        slices: If given, the distance is the sum of the L2 norms of the difference
+            over these column slices (e.g. one per layer, as in Zhang et al. 2024)
+            instead of the L2 norm of the whole difference.
 
     Returns:
-        ``(n,)`` float64 distances; each difference is formed and summed in the
-        model's dtype.
+        Float64 distances, shape ``(n,)`` for one target or ``(t, n)``; each
+        difference is formed and its norm summed in the model's dtype.
 
     Raises:
-        ConfigError: If the target does not match the model, or on bad inputs.
+        ConfigError: If the targets do not match the model, or on bad inputs.
     """
-    target = _check_target(target, model)
-    distances = torch.empty(inputs.shape[0], dtype=torch.float64)
+    matrix = _check_targets(targets, model)
+    distances = torch.empty(matrix.shape[0], inputs.shape[0], dtype=torch.float64)
     for start, rows, _ in _fill_chunks(
         model,
         loss,
@@ -630,12 +663,14 @@ def gradient_distances(
         engine=engine,
         reuse_buffer=True,
     ):
-        distances[start : start + rows.shape[0]] = _distances_in_place(rows, target)
-    return distances
+        distances[:, start : start + rows.shape[0]] = _distances_to_targets(
+            rows, matrix, slices
+        )
+    return distances[0] if targets.dim() == 1 else distances
 
 
 def nearest_rows(
-    target: torch.Tensor,
+    targets: torch.Tensor,
     model: nn.Module,
     loss: str,
     inputs: torch.Tensor,
@@ -648,38 +683,60 @@ def nearest_rows(
     """The examples whose per-sample gradients are closest to a target gradient.
 
     A chunked search over a pool: per-sample gradients stream through one reused
-    buffer (see :func:`gradient_distances`), so a pool of any size fits in bounded
-    memory. This is the search step of nearest-gradient forging, where each
-    replaced example is swapped for the pool example with the closest gradient
-    (the per-example variant of Thudi et al. 2022, "On the necessity of auditable
-    algorithmic definitions for machine unlearning").
+    buffer, and only the running ``k`` best per target are kept from chunk to
+    chunk, so a pool of any size fits in bounded memory. This is the search step
+    of nearest-gradient forging, where a replaced example is swapped for the pool
+    example with the closest gradient (the per-example variant of Thudi et al.
+    2022, "On the necessity of auditable algorithmic definitions for machine
+    unlearning"; the re-evaluation, Suliman et al. 2025, draws M random candidates
+    instead of scanning the pool).
 
     Args:
-        target: A flattened gradient, length ``num_parameters(model)``.
+        targets: A flattened gradient of length ``num_parameters(model)``, or a
+            ``(t, num_parameters)`` matrix of them.
         model: The model at the weights of interest.
         loss: Loss name.
         inputs: The pool's inputs, shape ``(n, *input_shape)``.
         labels: The pool's labels, shape ``(n,)``.
-        k: How many of the closest examples to return.
+        k: How many of the closest examples to return per target.
         chunk_size: Examples per chunk.
         engine: ``"auto"``, ``"layerwise"`` or ``"vmap"``.
 
     Returns:
-        ``(indices, distances)``: positions in the pool of the ``min(k, n)`` closest
-        examples and their float64 L2 distances, closest first; ties go to the
-        lower index.
+        ``(indices, distances)``: positions in the pool of the ``min(k, n)``
+        closest examples and their float64 L2 distances, closest first, shape
+        ``(k,)`` for one target or ``(t, k)``; ties go to the lower index.
 
     Raises:
-        ConfigError: If ``k < 1``, the target does not match the model, or on bad
+        ConfigError: If ``k < 1``, the targets do not match the model, or on bad
             inputs.
     """
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    distances = gradient_distances(
-        target, model, loss, inputs, labels, chunk_size=chunk_size, engine=engine
-    )
-    order = torch.sort(distances, stable=True).indices[:k]
-    return order, distances[order]
+    matrix = _check_targets(targets, model)
+    count = matrix.shape[0]
+    best = torch.empty(count, 0, dtype=torch.float64)
+    where = torch.empty(count, 0, dtype=torch.int64)
+    for start, rows, _ in _fill_chunks(
+        model,
+        loss,
+        inputs,
+        labels,
+        chunk_size=chunk_size,
+        engine=engine,
+        reuse_buffer=True,
+    ):
+        # merge this chunk into the running best; a stable sort keeps ties in
+        # index order, and earlier chunks come first
+        positions = torch.arange(start, start + rows.shape[0]).expand(count, -1)
+        values = torch.cat([best, _distances_to_targets(rows, matrix, None)], dim=1)
+        positions = torch.cat([where, positions], dim=1)
+        order = torch.sort(values, dim=1, stable=True).indices[:, :k]
+        best = torch.gather(values, 1, order)
+        where = torch.gather(positions, 1, order)
+    if targets.dim() == 1:
+        return where[0], best[0]
+    return where, best
 
 
 def subset_distances(
@@ -688,20 +745,24 @@ def subset_distances(
     target: torch.Tensor,
     *,
     block_size: int = 64,
+    slices: list[slice] | None = None,
 ) -> torch.Tensor:
     """``||sum_j rows[subsets[m, j]] - target||`` for every subset m.
 
     Used to rank candidate replacement sets by the gradient distance they leave. Each
-    block of subsets is summed into one reused buffer, in the order of its columns.
+    block of subsets is summed into one reused buffer, in the order of its columns,
+    so no block-sized temporary is allocated.
 
     Args:
         rows: Per-sample gradients, shape ``(u, num_parameters)``.
         subsets: Row indices, shape ``(m, f)``.
         target: The gradient to approach, length ``num_parameters``.
         block_size: Subsets summed at once.
+        slices: If given, sum the L2 norms over these column slices instead (see
+            :func:`gradient_distances`).
 
     Returns:
-        ``(m,)`` float64 distances.
+        ``(m,)`` float64 distances, formed and summed in the rows' dtype.
 
     Raises:
         ConfigError: On mismatched shapes or a block size below 1.
@@ -723,7 +784,7 @@ def subset_distances(
         torch.index_select(rows, 0, block[:, 0], out=sums)
         for column in range(1, size):
             sums.add_(rows.index_select(0, block[:, column]))
-        distances[start : start + block.shape[0]] = _distances_in_place(sums, target)
+        distances[start : start + block.shape[0]] = _norms(sums.sub_(target), slices)
     return distances
 
 

@@ -95,6 +95,11 @@ def _summary_table(results: dict) -> Table:
     help="Comma-separated measurements to run.",
 )
 @click.option(
+    "--profile",
+    is_flag=True,
+    help="Profile the per-sample engine and record its most expensive operators.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=Path("forgelab-out/bench"),
@@ -113,6 +118,7 @@ def bench(
     trace_steps: int,
     seed: int,
     only: str,
+    profile: bool,
     out: Path,
 ) -> int:
     """Measure speed ratios against the hardware floor and the published algorithms.
@@ -142,6 +148,7 @@ def bench(
         seed=seed,
         data_dir=data_dir,
         only=tuple(m.strip() for m in only.split(",") if m.strip()),
+        profile=profile,
     )
     results = run_benchmark(
         settings, progress=lambda name: console.print(f"measuring {name} ...")
@@ -149,6 +156,13 @@ def bench(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", results)
     console.print(_summary_table(results))
+    for entry in results.get("engine", []):
+        if entry.get("engine_profile"):
+            shares = ", ".join(
+                f"{row['operator']} {row['share']:.0%}"
+                for row in entry["engine_profile"]
+            )
+            console.print(f"{entry['model']} engine time by operator: {shares}")
     load = results["environment"]
     console.print(
         f"{load['cpu_count']} CPUs, {settings.threads} torch thread(s), load average "
