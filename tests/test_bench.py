@@ -104,7 +104,9 @@ def test_nearest_runs_in_a_child_and_finds_the_target_example():
     assert entry["pool"] == "random MNIST-shaped pixels"
     assert entry["found_itself"] is True
     assert entry["self_distance"] < 1e-3 * entry["nearest_other_distance"]
-    assert 0 < entry["rss_before_search_gb"] <= entry["peak_rss_gb"]
+    assert 0 < entry["rss_before_search_gb"] <= entry["peak_rss_gb"] < 2
+    assert entry["peak_source"] == "VmHWM"
+    assert entry["peak_rss_during_search_gb"] <= entry["peak_rss_gb"]
 
 
 def test_verify_measurement_records_and_accepts_a_trace():
