@@ -61,6 +61,7 @@ def test_summary_compares_each_headline_with_its_target():
                 "floor_ratio_new_matrix": 0.5,
                 "loop_ratio": 7.9,
                 "loop_over_batched": 9.0,
+                "vmap_over_engine": 3.0,
             }
         ],
         "reeval": {"ratio": 31.0, "identical_selection": True},

@@ -53,6 +53,11 @@ TARGETS = {
 }
 """The goal of each headline figure: a comparison and a bound."""
 
+ENGINE_ROUND_FACTOR = 3
+"""The per-sample engine comparisons run this many times ``repeats`` rounds (each
+round takes well under a second, and a batched MLP step is short enough for load
+from other processes to move single rounds by a factor of two)."""
+
 REEVAL_ROUNDS = 3
 """At most this many rounds of the ``reeval`` comparison (the naive side is slow)."""
 
@@ -89,7 +94,7 @@ class BenchSettings:
     num_candidates: int = 300
     num_replaced: int = 1
     large_pool: int = 60_000
-    trace_steps: int = 200
+    trace_steps: int = 400
     seed: int = 2024
     data_dir: Path | None = None
     only: tuple[str, ...] = MEASUREMENTS
@@ -194,7 +199,9 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
     The engine writes into one matrix reused across rounds (as the streaming
     consumers do); the same call into a newly allocated matrix is timed as well,
     because on some machines the first touch of fresh memory costs more than the
-    gradients.
+    gradients. Two more sides give context: the vmap engine on the same batch, and
+    ``write_only``, filling a matrix of the gradients' size, the memory-bandwidth
+    floor of any engine that materialises per-sample gradients.
     """
     from forgelab.gradients import (
         batch_gradient,
@@ -213,10 +220,13 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
         "batched": lambda: batch_gradient(model, loss, inputs, labels),
         "engine": lambda: per_sample_gradients(model, loss, inputs, labels, out=matrix),
         "engine_new_matrix": lambda: per_sample_gradients(model, loss, inputs, labels),
+        "vmap": lambda: per_sample_gradients(
+            model, loss, inputs, labels, engine="vmap", out=matrix
+        ),
         "loop": lambda: per_sample_gradients_loop(model, loss, inputs, labels),
         "write_only": lambda: writes.fill_(1.0),
     }
-    timing = time_interleaved(sides, settings.repeats)
+    timing = time_interleaved(sides, ENGINE_ROUND_FACTOR * settings.repeats)
     profile = (
         profile_operators(sides["engine"], settings.repeats)
         if settings.profile
@@ -241,6 +251,7 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
         "floor_ratio_new_matrix": timing.ratio("batched", "engine_new_matrix"),
         "loop_ratio": timing.ratio("loop", "engine"),
         "loop_over_batched": timing.ratio("loop", "batched"),
+        "vmap_over_engine": timing.ratio("vmap", "engine"),
         "max_abs_difference_vs_loop": float((fast - slow).abs().max()),
         "max_abs_gradient": float(slow.abs().max()),
         "engine_profile": profile,
@@ -647,7 +658,8 @@ def summarise(results: dict) -> list[dict]:
             "loop",
             f"per-sample engine vs loop, {model}",
             entry["loop_ratio"],
-            f"loop vs batched: {entry['loop_over_batched']:.1f}",
+            f"loop vs batched: {entry['loop_over_batched']:.1f}; vmap engine: "
+            f"{entry['vmap_over_engine']:.1f}x slower",
         )
     if "reeval" in results:
         entry = results["reeval"]
