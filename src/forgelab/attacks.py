@@ -24,7 +24,12 @@ from torch import nn
 
 from forgelab.data import Dataset
 from forgelab.errors import ConfigError
-from forgelab.gradients import batch_gradient, iter_per_sample_gradients
+from forgelab.gradients import (
+    batch_gradient,
+    gradient_distances,
+    per_sample_gradients,
+    subset_distances,
+)
 from forgelab.models import as_model_input
 from forgelab.optim import measure_step_error
 from forgelab.trace import Trace
@@ -56,17 +61,21 @@ class AttackContext:
     def per_sample(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample gradients and losses of the examples at ``indices``."""
         dtype = next(self.model.parameters()).dtype
-        grads, losses = [], []
-        for _, flat, values in iter_per_sample_gradients(
+        losses = torch.empty(len(indices), dtype=dtype)
+        grads = per_sample_gradients(
             self.model,
             self.loss,
             as_model_input(self.inputs[indices], dtype),
             self.labels[indices],
-            with_losses=True,
-        ):
-            grads.append(flat)
-            losses.append(values)
-        return torch.cat(grads), torch.cat(losses)
+            losses=losses,
+        )
+        return grads, losses
+
+    def distances(self, indices: np.ndarray, target: torch.Tensor) -> torch.Tensor:
+        """L2 distances of the per-sample gradients at ``indices`` to ``target``."""
+        return gradient_distances(
+            target, self.model, self.loss, self.inputs[indices], self.labels[indices]
+        )
 
     def batch_gradient(self, indices: np.ndarray) -> torch.Tensor:
         """Gradient of the mean loss over the examples at ``indices``."""
@@ -171,20 +180,20 @@ def reeval(
     _check_slots(batch, slots, pool)
     draws = draw_subsets(pool, num_candidates, len(slots), rng)
 
-    # per-sample gradients of the replaced examples and of every distinct candidate
+    # per-sample gradients of the replaced examples, summed: the target
     replaced_grads, replaced_losses = context.per_sample(batch[slots])
-    target = replaced_grads.sum(0).to(torch.float64)
+    target = replaced_grads.sum(0)
     unique, inverse = np.unique(draws, return_inverse=True)
-    candidate_grads, _ = context.per_sample(unique)
     inverse = torch.from_numpy(inverse.reshape(draws.shape))
 
-    # rank candidate subsets by the distance of their summed gradients
-    distances = torch.empty(num_candidates, dtype=torch.float64)
-    for start in range(0, num_candidates, DISTANCE_CHUNK):
-        rows = inverse[start : start + DISTANCE_CHUNK]
-        sums = candidate_grads[rows].sum(1).to(torch.float64)
-        distances[start : start + len(rows)] = torch.linalg.vector_norm(
-            sums - target, dim=1
+    # rank candidate subsets by the distance of their summed gradients; a single
+    # replaced example needs only each candidate's own distance, streamed
+    if len(slots) == 1:
+        distances = context.distances(unique, target)[inverse[:, 0]]
+    else:
+        candidate_grads, _ = context.per_sample(unique)
+        distances = subset_distances(
+            candidate_grads, inverse, target, block_size=DISTANCE_CHUNK
         )
     best = int(torch.argmin(distances))
     forged = batch.copy()

@@ -12,7 +12,14 @@ import sys
 
 import click
 
-from forgelab.cli import forge, reproduce, theory, train, verify  # noqa: F401
+from forgelab.cli import (  # noqa: F401 - registers the commands
+    bench,
+    forge,
+    reproduce,
+    theory,
+    train,
+    verify,
+)
 from forgelab.cli.base import cli, error_console
 from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
 
