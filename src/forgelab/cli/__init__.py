@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as done:
         code = done.exit_code
     except click.ClickException as error:
-        error.show()
+        # one line, like every other rejection; -h shows the usage
+        command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) else ""
+        print(
+            f"forgelab: error: {_one_line(error.format_message())} "
+            f"(see 'forgelab{command.replace(' forgelab', '')} -h')",
+            file=sys.stderr,
+        )
         code = EXIT_UNUSABLE
     except click.exceptions.Abort:
         error_console.print("forgelab: aborted")

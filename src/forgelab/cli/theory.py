@@ -10,6 +10,9 @@ from rich.table import Table
 from forgelab.cli.base import cli, console, progress_bars
 from forgelab.errors import EXIT_ACCEPTED
 
+MAX_THEORY_TOLERANCE = 1e-6
+"""Largest tau the exact pair search accepts (it counts pairs within 100 tau)."""
+
 
 @cli.command()
 @click.option(
@@ -30,9 +33,16 @@ from forgelab.errors import EXIT_ACCEPTED
     type=float,
     default=1e-7,
     show_default=True,
-    help="tau for decisions (weight-space L2; the re-evaluation's threshold).",
+    help="tau for decisions (weight-space L2; the re-evaluation's threshold); "
+    "at most 1e-6.",
 )
-@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Learning rate eta that turns gradient distances into forging errors.",
+)
 @click.option("--seed", type=int, default=2024, show_default=True)
 def theory(
     dataset: str, out: Path | None, tolerance: float, lr: float, seed: int
@@ -41,6 +51,16 @@ def theory(
     from forgelab.data import load_dataset
     from forgelab.theory.run import TheorySettings, run_theory
 
+    # the exact pair search lists every pair within tau and counts those within
+    # 100 tau, so a large tau makes the search ball, and the run, unbounded
+    if not 0 < tolerance <= MAX_THEORY_TOLERANCE:
+        raise click.BadParameter(
+            f"{tolerance!r} must be in (0, {MAX_THEORY_TOLERANCE:g}]: the exact "
+            "search enumerates every pair within 100 tau",
+            param_hint="--tolerance",
+        )
+    if not 0 < lr < float("inf"):
+        raise click.BadParameter(f"{lr!r} must be a positive number", param_hint="--lr")
     data = load_dataset(dataset)
     settings = TheorySettings(lr=lr, tolerance=tolerance, seed=seed)
     out = out or Path("forgelab-out") / f"theory-{dataset}"

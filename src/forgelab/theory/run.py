@@ -667,7 +667,7 @@ def render_report(result: TheoryResult) -> str:
         "",
         "| model | train acc. | examples | grid rescalings s x (s != 1) exist | "
         "candidates tried | distinct in-domain forgery | closest label gap | "
-        "its gradient error | zero residual (undecided) |",
+        "smallest gradient distance ||dg|| | zero residual (undecided) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result.single:
