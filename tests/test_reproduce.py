@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from forgelab.attacks import ATTACKS
 from forgelab.cli import main
 
 
@@ -50,6 +51,23 @@ def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert f"{tau:.3e}" in report
     assert "margin" in report
+    # the compact attack table: every attack at the checkpoint 3/4 into training
+    attacks = {row["attack"]: row for row in results["attacks"]}
+    assert list(attacks) == list(ATTACKS)
+    replaced = {"thudi-batch": 100, "kong": 100, "baluta": 100, "greedy": 2}
+    candidates = {"thudi-batch": 400, "thudi": 400, "reeval": 300, "kong": 200}
+    candidates |= {"zhang-sr": 50, "baluta": 100, "nearest": 1337, "greedy": 1337}
+    for name, row in attacks.items():
+        assert row["step"] == 84 and len(row["forging_errors"]) == 2
+        assert row["num_replaced"] == replaced.get(name, 1)
+        if name in candidates:
+            assert row["num_candidates"] == candidates[name]
+        assert row["margin"] == pytest.approx(min(row["forging_errors"]) / tau)
+        assert row["num_detected"] == sum(e > tau for e in row["forging_errors"])
+    # searching the whole pool beats the best of 300 on the same batches
+    assert attacks["nearest"]["minimum"] <= attacks["reeval"]["minimum"] * (1 + 1e-5)
+    assert "## Every attack at step 84" in report
+    assert "every attack at step 84" in printed
     # a second run replaces the trace it made before
     assert (
         main(

@@ -1,21 +1,41 @@
 """Data forging attacks: replace examples of a batch so the gradient barely changes.
 
-Every attack has one shape: it takes an :class:`AttackContext` (the model at a
-checkpoint's weights and the data), the true batch, the slots to replace, the allowed
-pool D' and a seeded generator, and returns a :class:`Forgery`.
+Every attack is a plain function with one shape: it takes an :class:`AttackContext`
+(the model at the attacked step's weights, and the data), the true batch, the slots
+to replace, the allowed pool D' and a seeded generator, and returns a
+:class:`Forgery` (the replacement indices and their forging error). The catalogue:
 
-For plain SGD the forging error of a forged batch B' is the distance it leaves after
-one step, ``eps = eta * ||g(B) - g(B')||``. The re-evaluation's reference code reports
-``sqrt(eta) * ||g(B) - g(B')||`` instead; both are kept, under different names. For a
-stateful optimizer the forging error is the one-step weight distance from the same
-optimizer state (see :func:`forgelab.optim.measure_step_error`).
+- ``thudi-batch`` and ``thudi``: Thudi, Jia, Shumailov, Papernot, "On the necessity
+  of auditable algorithmic definitions for machine unlearning", USENIX Security 2022.
+- ``reeval``: the forging experiment of Suliman, Halimi, Kadhe, Baracaldo, Leith,
+  "Towards a re-evaluation of data forging attacks in practice", USENIX Security 2025.
+- ``kong``: Kong, Chowdhury, Chaudhuri, "Can membership inferencing be refuted?",
+  2023.
+- ``zhang-sr`` and ``zhang-sn``: Zhang, Lu, Zhang, Ye, Tsang, "Verification of
+  machine unlearning is fragile", ICML 2024 (Adv-Sr and Adv-Sn).
+- ``baluta``: Baluta, Nikolic, Jain, Aggarwal, Saxena, "Unforgeability in stochastic
+  gradient descent", CCS 2023.
+- ``nearest`` and ``greedy``: stronger than the published attacks; they search the
+  whole pool instead of M random candidates, streaming per-sample gradients in chunks
+  of bounded size so that a 60,000-example pool fits in memory.
+
+For SGD the forging error of a forged batch B' is the distance it leaves after one
+step, ``eps = eta * ||g(B) - g(B')||``. For SGD with momentum or weight decay and the
+same optimizer state this is still the one-step weight error: the momentum buffer and
+the decay term are the same for both batches and cancel. The re-evaluation's
+reference code reports ``sqrt(eta) * ||g(B) - g(B')||`` instead; both are kept, under
+different names. For Adam the forging error is the one-step weight distance from
+the same optimizer state (see :func:`forgelab.optim.measure_step_error`). The
+attacks' own selection criteria (weight distance after one step,
+squared gradient distance, per-layer norms, input similarity) are recorded next to it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,7 +50,7 @@ from forgelab.gradients import (
     per_sample_gradients,
     subset_distances,
 )
-from forgelab.models import as_model_input
+from forgelab.models import as_model_input, compute_loss
 from forgelab.optim import measure_step_error
 from forgelab.trace import Trace
 
@@ -38,6 +58,13 @@ logger = logging.getLogger(__name__)
 
 DISTANCE_CHUNK = 256
 """Candidate rows whose summed gradients are held at once when ranking candidates."""
+
+POOL_CHUNK_BYTES = 64 * 2**20
+"""Memory budget of the stronger attacks' pool scans: the per-sample gradients held
+at once; ``greedy`` caches a pool whose gradients fit in it."""
+
+INPUT_CHUNK = 4096
+"""Pool examples whose raw inputs are compared at once by ``zhang-sn``."""
 
 
 @dataclass
@@ -57,6 +84,11 @@ class AttackContext:
     inputs: torch.Tensor
     labels: torch.Tensor
     lr: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point type of the model's weights."""
+        return next(self.model.parameters()).dtype
 
     def per_sample(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample gradients and losses of the examples at ``indices``."""
@@ -79,13 +111,64 @@ class AttackContext:
 
     def batch_gradient(self, indices: np.ndarray) -> torch.Tensor:
         """Gradient of the mean loss over the examples at ``indices``."""
-        dtype = next(self.model.parameters()).dtype
         return batch_gradient(
             self.model,
             self.loss,
-            as_model_input(self.inputs[indices], dtype),
+            as_model_input(self.inputs[indices], self.dtype),
             self.labels[indices],
         )
+
+    def weights(self) -> torch.Tensor:
+        """The current weights as one vector, in ``named_parameters`` order."""
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+
+    def num_parameters(self) -> int:
+        """Number of scalar weights."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def rows_per_chunk(self, max_bytes: int) -> int:
+        """Pool examples whose per-sample gradients fit in ``max_bytes``.
+
+        A chunk holds each gradient about four times in the model's dtype: twice
+        while the engine assembles it, then once more as a difference to a target.
+        """
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return max(1, max_bytes // (4 * self.num_parameters() * itemsize))
+
+    def iter_gradients(
+        self, indices: np.ndarray, *, max_bytes: int = POOL_CHUNK_BYTES
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield per-sample gradients of ``indices`` chunk by chunk.
+
+        Only one chunk of inputs and gradients is alive at a time, so the memory used
+        is bounded by ``max_bytes`` whatever the number of examples.
+
+        Yields:
+            ``(start, gradients)``: position of the chunk's first example in
+            ``indices`` and its gradients, shape ``(chunk, num_parameters)``.
+        """
+        rows = self.rows_per_chunk(max_bytes)
+        for start in range(0, len(indices), rows):
+            grads, _ = self.per_sample(indices[start : start + rows])
+            yield start, grads
+
+    def layer_slices(self) -> list[slice]:
+        """Positions of each layer's weights in the flattened gradient.
+
+        A layer is a module that owns parameters directly (a linear or convolution
+        layer's weight and bias form one layer).
+        """
+        slices: list[slice] = []
+        owner, begin, position = None, 0, 0
+        for name, param in self.model.named_parameters():
+            module = name.rpartition(".")[0]
+            if module != owner and position > begin:
+                slices.append(slice(begin, position))
+                begin = position
+            owner = module
+            position += param.numel()
+        slices.append(slice(begin, position))
+        return slices
 
 
 @dataclass
@@ -101,6 +184,8 @@ class Forgery:
         replaced_loss: Mean loss of the original examples in the replaced slots.
         replaced_grad_norm: Mean per-sample gradient norm of those examples.
         num_candidates: How many candidates the attack ranked.
+        criterion: What the attack minimised to choose the replacement.
+        score: The value of that criterion for the chosen replacement.
     """
 
     batch: np.ndarray
@@ -111,10 +196,12 @@ class Forgery:
     replaced_loss: float = math.nan
     replaced_grad_norm: float = math.nan
     num_candidates: int = 0
+    criterion: str = "gradient L2"
+    score: float = math.nan
 
     @property
     def forging_error(self) -> float:
-        """One-step weight error for plain SGD: ``eta * ||g(B) - g(B')||``."""
+        """One-step weight error for SGD: ``eta * ||g(B) - g(B')||``."""
         return self.lr * self.distance
 
     @property
@@ -136,6 +223,11 @@ def _check_slots(batch: np.ndarray, slots: np.ndarray, pool: np.ndarray) -> None
         raise ConfigError("the pool of allowed replacement examples is empty")
 
 
+def _check_count(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 def draw_subsets(
     pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -143,6 +235,241 @@ def draw_subsets(
     if num_candidates < 1:
         raise ConfigError(f"number of candidates must be >= 1, got {num_candidates}")
     return pool[rng.integers(len(pool), size=(num_candidates, size))]
+
+
+def draw_sets(
+    pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw ``num_candidates`` sets of ``size`` distinct examples each."""
+    _check_count("number of candidates", num_candidates)
+    if size > len(pool):
+        raise ConfigError(f"cannot draw {size} distinct examples from {len(pool)}")
+    return np.stack(
+        [rng.choice(pool, size=size, replace=False) for _ in range(num_candidates)]
+    )
+
+
+def fixed_batches(pool: np.ndarray, size: int) -> np.ndarray:
+    """Cut the pool, in its order, into consecutive batches of ``size`` examples.
+
+    The incomplete last batch is dropped, as a data loader with ``drop_last`` does.
+    """
+    count = len(pool) // size
+    if count == 0:
+        raise ConfigError(
+            f"the pool holds {len(pool)} examples, fewer than one batch of {size}"
+        )
+    return pool[: count * size].reshape(count, size)
+
+
+def shuffled_batches(
+    pool: np.ndarray, num_batches: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The first ``num_batches`` batches of a loader that reshuffles the pool.
+
+    Each pass over the pool is a fresh permutation cut into batches (the incomplete
+    last batch dropped); passes follow each other until enough batches are drawn.
+    """
+    _check_count("number of candidates", num_batches)
+    per_pass = len(pool) // size
+    if per_pass == 0:
+        raise ConfigError(
+            f"the pool holds {len(pool)} examples, fewer than one batch of {size}"
+        )
+    passes = []
+    while len(passes) * per_pass < num_batches:
+        passes.append(fixed_batches(rng.permutation(pool), size))
+    return np.concatenate(passes)[:num_batches]
+
+
+def _replaced_statistics(
+    replaced_grads: torch.Tensor, replaced_losses: torch.Tensor
+) -> dict[str, float]:
+    return {
+        "replaced_loss": float(replaced_losses.mean()),
+        "replaced_grad_norm": float(
+            torch.linalg.vector_norm(replaced_grads, dim=1).mean()
+        ),
+    }
+
+
+def _slot_forgery(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    replacement: np.ndarray,
+    replaced_grads: torch.Tensor,
+    replaced_losses: torch.Tensor,
+    **fields: object,
+) -> Forgery:
+    """A forgery that replaces some slots; its distance from per-sample gradients."""
+    chosen_grads, _ = context.per_sample(replacement)
+    difference = chosen_grads.to(torch.float64).sum(0) - replaced_grads.to(
+        torch.float64
+    ).sum(0)
+    forged = batch.copy()
+    forged[slots] = replacement
+    return Forgery(
+        batch=forged,
+        slots=slots,
+        replacement=replacement,
+        distance=float(torch.linalg.vector_norm(difference)) / len(batch),
+        lr=context.lr,
+        **_replaced_statistics(replaced_grads, replaced_losses),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+WHOLE_BATCH_CRITERIA = ("weight L2", "weight Linf", "squared gradient L2")
+
+
+def _rank_batches(
+    context: AttackContext,
+    batch: np.ndarray,
+    candidates: np.ndarray,
+    criterion: str,
+) -> Forgery:
+    """Choose the candidate batch that best imitates ``batch`` and build the forgery.
+
+    Criteria: ``"weight L2"`` / ``"weight Linf"`` compare the weights after one SGD
+    step, ``W - eta g(B')`` against ``W - eta g(B)``, both computed in the model's
+    dtype; ``"squared gradient L2"`` is ``||g(B) - g(B')||^2`` at the current weights.
+    Identical candidate batches are evaluated once; ties go to the earliest draw.
+    """
+    if criterion not in WHOLE_BATCH_CRITERIA:
+        raise ConfigError(f"unknown batch criterion {criterion!r}")
+    weights = context.weights()
+    true_gradient = context.batch_gradient(batch)
+    true_step = weights.add(true_gradient, alpha=-context.lr).to(torch.float64)
+    true_gradient = true_gradient.to(torch.float64)
+    unique, inverse = np.unique(candidates, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    scores = np.empty(len(unique))
+    distances = np.empty(len(unique))
+    for row, candidate in enumerate(unique):
+        gradient = context.batch_gradient(candidate)
+        difference = gradient.to(torch.float64) - true_gradient
+        distances[row] = float(torch.linalg.vector_norm(difference))
+        if criterion == "squared gradient L2":
+            scores[row] = float(difference @ difference)
+            continue
+        step = weights.add(gradient, alpha=-context.lr).to(torch.float64) - true_step
+        scores[row] = float(
+            torch.linalg.vector_norm(
+                step, ord=2 if criterion == "weight L2" else math.inf
+            )
+        )
+    best = int(np.argmin(scores[inverse]))
+    with torch.no_grad():
+        logits = context.model(context.inputs[batch].to(context.dtype))
+    replaced_loss = float(compute_loss(context.loss, logits, context.labels[batch]))
+    return Forgery(
+        batch=candidates[best].copy(),
+        slots=np.arange(len(batch)),
+        replacement=candidates[best].copy(),
+        distance=float(distances[inverse[best]]),
+        lr=context.lr,
+        replaced_loss=replaced_loss,
+        num_candidates=len(candidates),
+        criterion=criterion,
+        score=float(scores[inverse[best]]),
+    )
+
+
+def thudi_batch(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_candidates: int = 400,
+) -> Forgery:
+    """Replace the whole batch by the best of M batches of a fixed partition of D'.
+
+    Thudi et al., "On the necessity of auditable algorithmic definitions for machine
+    unlearning" (USENIX Security 2022), Sec. 5: the forger draws M = 400 batches,
+    with replacement, from the fixed mini-batches of the data it claims, and keeps
+    the one whose SGD step lands closest (L2) to the logged weights.
+
+    Here the fixed batches are the pool cut, in its given order, into consecutive
+    batches of the true batch's size. The whole batch is replaced whatever ``slots``
+    says, as in the paper.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Ignored (the whole batch is replaced); checked for validity.
+        pool: Indices of allowed examples (D' minus the true batch).
+        rng: Seeded generator.
+        num_candidates: M.
+
+    Returns:
+        The best forgery among the candidates.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    _check_count("number of candidates", num_candidates)
+    partition = fixed_batches(pool, len(batch))
+    draws = partition[rng.integers(len(partition), size=num_candidates)]
+    return _rank_batches(context, batch, draws, "weight L2")
+
+
+def thudi(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_candidates: int = 400,
+) -> Forgery:
+    """Replace each example by the closest-gradient one of M random candidates.
+
+    The per-example variant of Thudi et al. (USENIX Security 2022): every replaced
+    example gets its own M candidates, drawn with replacement from D', and is
+    swapped for the candidate whose per-sample gradient is nearest in L2. The same
+    M as the batch variant (400) is used; slots are handled one after another, so
+    two slots may receive the same example, as in the paper.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions to replace.
+        pool: Indices of allowed replacements (D' minus the batch).
+        rng: Seeded generator; one row of M draws per slot.
+        num_candidates: M per replaced example.
+
+    Returns:
+        The forgery.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    draws = draw_subsets(pool, num_candidates, len(slots), rng).T
+    replaced_grads, replaced_losses = context.per_sample(batch[slots])
+    replacement = np.empty(len(slots), dtype=np.int64)
+    score = 0.0
+    for position, candidates in enumerate(draws):
+        candidate_grads, _ = context.per_sample(candidates)
+        distances = torch.linalg.vector_norm(
+            candidate_grads.to(torch.float64)
+            - replaced_grads[position].to(torch.float64),
+            dim=1,
+        )
+        best = int(torch.argmin(distances))
+        replacement[position] = candidates[best]
+        score += float(distances[best])
+    return _slot_forgery(
+        context,
+        batch,
+        slots,
+        replacement,
+        replaced_grads,
+        replaced_losses,
+        num_candidates=num_candidates,
+        criterion="per-example gradient L2 (sum over slots, / b)",
+        score=score / len(batch),
+    )
 
 
 def reeval(
@@ -198,18 +525,45 @@ def reeval(
     best = int(torch.argmin(distances))
     forged = batch.copy()
     forged[slots] = draws[best]
+    distance = float(distances[best]) / len(batch)
     return Forgery(
         batch=forged,
         slots=slots,
         replacement=draws[best],
-        distance=float(distances[best]) / len(batch),
+        distance=distance,
         lr=context.lr,
-        replaced_loss=float(replaced_losses.mean()),
-        replaced_grad_norm=float(
-            torch.linalg.vector_norm(replaced_grads, dim=1).mean()
-        ),
+        **_replaced_statistics(replaced_grads, replaced_losses),
         num_candidates=num_candidates,
+        score=distance,
     )
+
+
+def _subset_distances(
+    context: AttackContext,
+    draws: np.ndarray,
+    replaced_grads: torch.Tensor,
+    slices: list[slice] | None = None,
+) -> torch.Tensor:
+    """``||sum_C g_c - sum_R g_r||`` for every candidate subset C (a row of draws).
+
+    With ``slices`` the distance is the sum of the L2 norms of each slice instead.
+    """
+    target = replaced_grads.sum(0).to(torch.float64)
+    unique, inverse = np.unique(draws, return_inverse=True)
+    candidate_grads, _ = context.per_sample(unique)
+    inverse = torch.from_numpy(inverse.reshape(draws.shape))
+    distances = torch.empty(len(draws), dtype=torch.float64)
+    for start in range(0, len(draws), DISTANCE_CHUNK):
+        rows = inverse[start : start + DISTANCE_CHUNK]
+        difference = candidate_grads[rows].sum(1).to(torch.float64) - target
+        if slices is None:
+            values = torch.linalg.vector_norm(difference, dim=1)
+        else:
+            values = sum(
+                torch.linalg.vector_norm(difference[:, part], dim=1) for part in slices
+            )
+        distances[start : start + len(rows)] = values
+    return distances
 
 
 def reeval_naive(
@@ -250,8 +604,515 @@ def _by_name(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return pieces
 
 
+KONG_DISTANCES = {"paper": "squared gradient L2", "model": "weight L2"}
+
+
+def kong(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_candidates: int = 200,
+    pool_size: int = 1000,
+    distance: str = "paper",
+) -> Forgery:
+    """Replace the whole batch by the best of M mini-batches from a fresh sub-pool.
+
+    Kong, Chowdhury, Chaudhuri, "Can membership inferencing be refuted?" (2023):
+    for each step the forger draws a fresh pool of n examples (800 to 1,600 in the
+    paper; 1,000 here) from the data minus the deleted point, then M = 200 random
+    mini-batches from that pool, and keeps the closest one. Distance ``"paper"`` is
+    the squared gradient distance at the original weights; ``"model"`` is the L2
+    distance of the weights after one step.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Ignored (the whole batch is replaced); checked for validity.
+        pool: Indices of allowed examples (D' minus the true batch).
+        rng: Seeded generator.
+        num_candidates: M.
+        pool_size: n; the whole pool is used when it is smaller.
+        distance: ``"paper"`` or ``"model"``.
+
+    Returns:
+        The best forgery among the candidates.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    _check_count("number of candidates", num_candidates)
+    _check_count("pool size", pool_size)
+    if distance not in KONG_DISTANCES:
+        raise ConfigError(
+            f"unknown kong distance {distance!r}; choose one of "
+            f"{', '.join(KONG_DISTANCES)}"
+        )
+    if len(pool) < len(batch):
+        raise ConfigError(
+            f"the pool holds {len(pool)} examples, fewer than one batch of {len(batch)}"
+        )
+    size = min(pool_size, len(pool))
+    if size < pool_size:
+        logger.debug("kong: pool of %d examples, smaller than n = %d", size, pool_size)
+    fresh = rng.choice(pool, size=size, replace=False)
+    draws = np.stack(
+        [
+            rng.choice(fresh, size=len(batch), replace=False)
+            for _ in range(num_candidates)
+        ]
+    )
+    return _rank_batches(context, batch, draws, KONG_DISTANCES[distance])
+
+
+def zhang_sr(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_candidates: int = 50,
+) -> Forgery:
+    """Replace the unlearned slots by the best of M random sets (Adv-Sr).
+
+    Zhang et al., "Verification of machine unlearning is fragile" (ICML 2024): only
+    the slots holding unlearned examples change; they are replaced by the best of
+    M = 50 random sets of the same size from the retained data, where "best" is the
+    smallest sum over layers of the L2 norm of that layer's gradient difference.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions of the unlearned examples.
+        pool: Indices of allowed replacements (D' minus the batch).
+        rng: Seeded generator.
+        num_candidates: M.
+
+    Returns:
+        The best forgery among the candidates.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    draws = draw_sets(pool, num_candidates, len(slots), rng)
+    replaced_grads, replaced_losses = context.per_sample(batch[slots])
+    scores = _subset_distances(context, draws, replaced_grads, context.layer_slices())
+    best = int(torch.argmin(scores))
+    return _slot_forgery(
+        context,
+        batch,
+        slots,
+        draws[best],
+        replaced_grads,
+        replaced_losses,
+        num_candidates=num_candidates,
+        criterion="sum of per-layer gradient L2",
+        score=float(scores[best]) / len(batch),
+    )
+
+
+def zhang_sn(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> Forgery:
+    """Replace each unlearned example by its nearest same-class neighbour (Adv-Sn).
+
+    Zhang et al., "Verification of machine unlearning is fragile" (ICML 2024): each
+    unlearned example becomes the retained example of the same class whose input is
+    most similar by cosine similarity. The pool is D', so removed examples are never
+    chosen. Inputs are compared as the model sees them; for the image datasets this
+    is the raw pixels divided by a constant, which leaves cosine similarity unchanged.
+    Two slots may receive the same neighbour, as in the paper. Ties go to the
+    neighbour listed first in the pool.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions of the unlearned examples.
+        pool: Indices of allowed replacements (D' minus the batch).
+        rng: Unused; the attack is deterministic.
+
+    Returns:
+        The forgery.
+
+    Raises:
+        ConfigError: If the pool holds no example of a replaced example's class.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    pool_labels = context.labels[pool].numpy()
+    replacement = np.empty(len(slots), dtype=np.int64)
+    similarity_sum = 0.0
+    for position, index in enumerate(batch[slots]):
+        label = int(context.labels[index])
+        same = pool[pool_labels == label]
+        if len(same) == 0:
+            raise ConfigError(f"the pool holds no example of class {label}")
+        query = context.inputs[index].reshape(-1).to(torch.float64)
+        query = query / torch.linalg.vector_norm(query).clamp_min(1e-300)
+        best_value, best_index = -math.inf, int(same[0])
+        for start in range(0, len(same), INPUT_CHUNK):
+            chunk = same[start : start + INPUT_CHUNK]
+            rows = context.inputs[chunk].reshape(len(chunk), -1).to(torch.float64)
+            norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-300)
+            similarity = (rows @ query) / norms
+            top = int(torch.argmax(similarity))
+            if float(similarity[top]) > best_value:
+                best_value, best_index = float(similarity[top]), int(chunk[top])
+        replacement[position] = best_index
+        similarity_sum += best_value
+    replaced_grads, replaced_losses = context.per_sample(batch[slots])
+    return _slot_forgery(
+        context,
+        batch,
+        slots,
+        replacement,
+        replaced_grads,
+        replaced_losses,
+        num_candidates=int(np.isin(pool_labels, context.labels[batch[slots]]).sum()),
+        criterion="input cosine similarity (mean over slots; higher is closer)",
+        score=similarity_sum / len(slots),
+    )
+
+
+BALUTA_NORMS = {"l2": "weight L2", "linf": "weight Linf"}
+
+
+def baluta(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_candidates: int = 100,
+    norm: str = "l2",
+) -> Forgery:
+    """Replace the whole batch by the best of M batches from a second shuffled loader.
+
+    Baluta et al., "Unforgeability in stochastic gradient descent" (CCS 2023): the
+    forger runs a second, independently shuffled data loader over the claimed data
+    and tries its first M batches, keeping the one whose SGD step ends closest to the
+    logged weights in L2 or Linf. The paper does not fix one M for this search;
+    forgelab uses M = 100.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Ignored (the whole batch is replaced); checked for validity.
+        pool: Indices of allowed examples (D' minus the true batch).
+        rng: Seeded generator (the second loader's shuffling).
+        num_candidates: M.
+        norm: ``"l2"`` or ``"linf"``.
+
+    Returns:
+        The best forgery among the candidates.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    if norm not in BALUTA_NORMS:
+        raise ConfigError(
+            f"unknown baluta norm {norm!r}; choose one of {', '.join(BALUTA_NORMS)}"
+        )
+    draws = shuffled_batches(pool, num_candidates, len(batch), rng)
+    return _rank_batches(context, batch, draws, BALUTA_NORMS[norm])
+
+
+def _scan_pool(
+    context: AttackContext,
+    pool: np.ndarray,
+    targets: torch.Tensor,
+    keep: int,
+    *,
+    max_bytes: int,
+    cached: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` pool positions nearest to each target gradient, in one pass.
+
+    Per-sample gradients are streamed chunk by chunk (or read from ``cached``) and
+    only a running top-``keep`` per target is kept, so memory stays bounded by one
+    chunk. Distances are computed in the gradients' dtype (the chosen forgery's error
+    is recomputed in float64 afterwards). Ties go to the earlier pool position.
+
+    Args:
+        context: Model and data.
+        pool: Indices of the candidates.
+        targets: Float64 target gradients, shape ``(num_targets, num_parameters)``.
+        keep: How many nearest candidates to keep per target.
+        max_bytes: Memory budget of one chunk.
+        cached: The pool's per-sample gradients, if they were materialised.
+
+    Returns:
+        ``(distances, positions)``, each of shape ``(num_targets, keep)``, sorted
+        nearest first; positions index into ``pool``.
+    """
+    num_targets = targets.shape[0]
+    best_values = torch.empty(num_targets, 0, dtype=torch.float64)
+    best_positions = torch.empty(num_targets, 0, dtype=torch.int64)
+    if cached is not None:
+        rows = context.rows_per_chunk(max_bytes)
+        chunks: Iterator[tuple[int, torch.Tensor]] = (
+            (start, cached[start : start + rows]) for start in range(0, len(pool), rows)
+        )
+    else:
+        chunks = context.iter_gradients(pool, max_bytes=max_bytes)
+    for start, grads in chunks:
+        values = torch.stack(
+            [
+                torch.linalg.vector_norm(grads - target.to(grads.dtype), dim=1)
+                for target in targets
+            ]
+        ).to(torch.float64)
+        positions = torch.arange(start, start + len(grads)).expand(num_targets, -1)
+        values = torch.cat([best_values, values], dim=1)
+        positions = torch.cat([best_positions, positions], dim=1)
+        order = torch.sort(values, dim=1, stable=True).indices[:, :keep]
+        best_values = torch.gather(values, 1, order)
+        best_positions = torch.gather(positions, 1, order)
+    return best_values, best_positions
+
+
+def nearest(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator | None = None,
+    *,
+    max_bytes: int = POOL_CHUNK_BYTES,
+) -> Forgery:
+    """Replace each example by the nearest-gradient example of the whole pool.
+
+    Stronger than the published attacks: where Thudi et al. (2022) and the
+    re-evaluation (Suliman et al. 2025) take the best of M random candidates, this
+    takes M = |D'|, so for a single replacement no choice of one example from the
+    pool leaves a smaller forging error. Per-sample gradients of the pool are
+    streamed in chunks of at most ``max_bytes`` and only the running best is kept.
+    With several slots, each slot takes its nearest example not already taken by an
+    earlier slot (see :func:`greedy` for the joint residual).
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions to replace.
+        pool: Indices of allowed replacements (D' minus the batch).
+        rng: Unused; the attack is deterministic.
+        max_bytes: Memory budget of one chunk of per-sample gradients.
+
+    Returns:
+        The forgery.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    if len(pool) < len(slots):
+        raise ConfigError(
+            f"the pool holds {len(pool)} examples, fewer than the {len(slots)} slots"
+        )
+    replaced_grads, replaced_losses = context.per_sample(batch[slots])
+    values, positions = _scan_pool(
+        context,
+        pool,
+        replaced_grads.to(torch.float64),
+        len(slots),
+        max_bytes=max_bytes,
+    )
+    taken: list[int] = []
+    score = 0.0
+    for slot in range(len(slots)):
+        for value, position in zip(values[slot], positions[slot], strict=True):
+            if int(position) not in taken:
+                taken.append(int(position))
+                score += float(value)
+                break
+    return _slot_forgery(
+        context,
+        batch,
+        slots,
+        pool[taken],
+        replaced_grads,
+        replaced_losses,
+        num_candidates=len(pool),
+        criterion="per-example gradient L2 over the whole pool (sum over slots, / b)",
+        score=score / len(batch),
+    )
+
+
+def greedy(
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator | None = None,
+    *,
+    max_bytes: int = POOL_CHUNK_BYTES,
+) -> Forgery:
+    """Fill the slots one at a time, each minimising the remaining gradient residual.
+
+    Stronger than the published attacks for several replacements: the residual
+    starts as the sum of the replaced examples' gradients, ``r = sum_R g_r``; each
+    slot in turn takes the pool example c (not chosen before) that minimises
+    ``||r - g_c||`` over the whole pool, and r becomes ``r - g_c``. The final forging
+    error is ``eta ||r|| / b``. For one slot this is :func:`nearest`. The pool's
+    per-sample gradients are streamed once per slot in chunks of at most
+    ``max_bytes``, or computed once when they fit in ``max_bytes``.
+
+    Args:
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions to replace, filled in this order.
+        pool: Indices of allowed replacements (D' minus the batch).
+        rng: Unused; the attack is deterministic.
+        max_bytes: Memory budget of the per-sample gradients held at once.
+
+    Returns:
+        The forgery.
+    """
+    slots = np.asarray(slots)
+    _check_slots(batch, slots, pool)
+    if len(pool) < len(slots):
+        raise ConfigError(
+            f"the pool holds {len(pool)} examples, fewer than the {len(slots)} slots"
+        )
+    replaced_grads, replaced_losses = context.per_sample(batch[slots])
+    residual = replaced_grads.to(torch.float64).sum(0)
+    itemsize = torch.finfo(context.dtype).bits // 8
+    cached = None
+    if len(slots) > 1 and len(pool) * context.num_parameters() * itemsize <= max_bytes:
+        cached, _ = context.per_sample(pool)
+    taken: list[int] = []
+    for _ in range(len(slots)):
+        _, positions = _scan_pool(
+            context,
+            pool,
+            residual.unsqueeze(0),
+            len(taken) + 1,
+            max_bytes=max_bytes,
+            cached=cached,
+        )
+        choice = next(int(p) for p in positions[0] if int(p) not in taken)
+        taken.append(choice)
+        if cached is not None:
+            gradient = cached[choice]
+        else:
+            gradient = context.per_sample(pool[[choice]])[0][0]
+        residual = residual - gradient.to(torch.float64)
+    return _slot_forgery(
+        context,
+        batch,
+        slots,
+        pool[taken],
+        replaced_grads,
+        replaced_losses,
+        num_candidates=len(pool),
+        criterion="remaining gradient residual L2, one slot at a time",
+        score=float(torch.linalg.vector_norm(residual)) / len(batch),
+    )
+
+
 AttackFunction = Callable[..., Forgery]
-ATTACKS: dict[str, AttackFunction] = {"reeval": reeval}
+ATTACKS: dict[str, AttackFunction] = {
+    "thudi-batch": thudi_batch,
+    "thudi": thudi,
+    "reeval": reeval,
+    "kong": kong,
+    "zhang-sr": zhang_sr,
+    "zhang-sn": zhang_sn,
+    "baluta": baluta,
+    "nearest": nearest,
+    "greedy": greedy,
+}
+"""Every attack by name, published ones first, then the stronger ones."""
+
+WHOLE_BATCH_ATTACKS = frozenset({"thudi-batch", "kong", "baluta"})
+"""Attacks that replace the whole batch whatever slots they are given."""
+
+STRONGER_ATTACKS = frozenset({"nearest", "greedy"})
+"""Attacks that search the whole pool (not published)."""
+
+
+def check_attack(name: str) -> AttackFunction:
+    """The attack function called ``name``.
+
+    Raises:
+        ConfigError: If no attack has that name.
+    """
+    if name not in ATTACKS:
+        raise ConfigError(
+            f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}"
+        )
+    return ATTACKS[name]
+
+
+def attack_defaults(name: str) -> dict[str, object]:
+    """The keyword options of an attack and their defaults (the published values)."""
+    signature = inspect.signature(check_attack(name))
+    return {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+OPTION_FLAGS = {
+    "num_candidates": "-M",
+    "pool_size": "--pool-size",
+    "distance": "--distance",
+    "norm": "--norm",
+}
+"""How the command line spells each attack option."""
+
+
+def attack_options(name: str, **options: object) -> dict[str, object]:
+    """The options an attack will run with: its defaults, overridden where given.
+
+    Options given as None keep their default.
+
+    Raises:
+        ConfigError: If an option does not apply to the attack.
+    """
+    resolved = attack_defaults(name)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in resolved:
+            accepted = ", ".join(OPTION_FLAGS.get(k, k) for k in resolved) or "none"
+            raise ConfigError(
+                f"attack {name!r} does not take {OPTION_FLAGS.get(key, key)} "
+                f"(its options: {accepted})"
+            )
+        resolved[key] = value
+    return resolved
+
+
+def forge_batch(
+    name: str,
+    context: AttackContext,
+    batch: np.ndarray,
+    slots: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    **options: object,
+) -> Forgery:
+    """Run the attack called ``name`` with its published defaults and ``options``.
+
+    Args:
+        name: Attack name in :data:`ATTACKS`.
+        context: Model and data at the attacked step.
+        batch: The true batch.
+        slots: Positions to replace (whole-batch attacks replace every position).
+        pool: Indices of allowed replacements.
+        rng: Seeded generator.
+        **options: Overrides of the attack's defaults; None keeps a default.
+
+    Returns:
+        The forgery.
+    """
+    resolved = attack_options(name, **options)
+    return ATTACKS[name](context, batch, np.asarray(slots), pool, rng, **resolved)
 
 
 @dataclass
@@ -271,6 +1132,7 @@ class CheckpointForgery:
         replaced_grad_norm: Mean per-sample gradient norm of the replaced examples.
         replaced: Indices of the replaced examples.
         replacement: Indices that replaced them.
+        num_candidates: How many candidates the attack ranked.
     """
 
     step: int
@@ -284,10 +1146,29 @@ class CheckpointForgery:
     replaced_grad_norm: float
     replaced: list[int]
     replacement: list[int]
+    num_candidates: int = 0
 
     def to_json(self) -> dict:
         """A JSON-ready dictionary."""
         return asdict(self)
+
+
+def require_sgd(trace: Trace) -> None:
+    """Refuse traces whose steps are not SGD steps.
+
+    The forging error is the one-step weight error given the same optimizer state;
+    for SGD (with or without momentum and weight decay) that is
+    ``eta * ||g(B) - g(B')||``. Adam rescales the gradient by its moment estimates,
+    so gradient distance no longer measures it.
+
+    Raises:
+        ConfigError: For a trace recorded with another optimizer.
+    """
+    if trace.optimizer.name != "sgd":
+        raise ConfigError(
+            f"{trace.root}: forging is defined here for SGD traces; this trace uses "
+            f"{trace.optimizer.name!r}, whose step is not eta times the gradient"
+        )
 
 
 def attack_checkpoints(
@@ -298,7 +1179,9 @@ def attack_checkpoints(
     every: int = 100,
     num_runs: int = 10,
     num_replaced: int = 1,
-    num_candidates: int = 300,
+    num_candidates: int | None = None,
+    options: dict[str, object] | None = None,
+    steps: list[int] | None = None,
     seed: int = 2024,
     callback: Callable[[int, int], None] | None = None,
 ) -> list[CheckpointForgery]:
@@ -307,7 +1190,8 @@ def attack_checkpoints(
     At every checkpoint whose step is a multiple of ``every`` (and that has a step
     after it), each run draws a random true batch B of the trace's batch size and
     replaces its first ``num_replaced`` examples using the attack, with the pool being
-    the training data minus B (Suliman et al. 2025, Sec. 5 and Fig. 3).
+    the training data minus B (Suliman et al. 2025, Sec. 5 and Fig. 3). Whole-batch
+    attacks replace all of B.
 
     Args:
         trace: A trace; its checkpoints provide the weights.
@@ -316,17 +1200,21 @@ def attack_checkpoints(
         every: Attack every this many steps.
         num_runs: Random batches per checkpoint.
         num_replaced: f, the number of replaced examples.
-        num_candidates: M.
+        num_candidates: M; None for the attack's published default.
+        options: Other attack options (None values keep the defaults).
+        steps: Attack the checkpoints at exactly these steps instead of every
+            ``every``-th one.
         seed: Seed of the batches and candidates.
         callback: Called with ``(attempts_done, total_attempts)``.
 
     Returns:
         One record per checkpoint and run.
     """
-    if attack not in ATTACKS:
-        raise ConfigError(
-            f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}"
-        )
+    check_attack(attack)
+    options = dict(options or {})
+    if num_candidates is not None:
+        options["num_candidates"] = num_candidates
+    attack_options(attack, **options)
     if every < 1 or num_runs < 1:
         raise ConfigError("--every and --runs must be >= 1")
     if not 1 <= num_replaced <= trace.batch_size:
@@ -334,7 +1222,7 @@ def attack_checkpoints(
     positions = [
         position
         for position, entry in enumerate(trace.checkpoints[:-1])
-        if entry.step % every == 0
+        if (entry.step in steps if steps is not None else entry.step % every == 0)
     ]
     model = trace.build_model()
     records: list[CheckpointForgery] = []
@@ -356,9 +1244,7 @@ def attack_checkpoints(
             batch = rng.choice(dataset.num_train, size=trace.batch_size, replace=False)
             pool = np.setdiff1d(everything, batch)
             slots = np.arange(num_replaced)
-            forgery = ATTACKS[attack](
-                context, batch, slots, pool, rng, num_candidates=num_candidates
-            )
+            forgery = forge_batch(attack, context, batch, slots, pool, rng, **options)
             true_gradient = context.batch_gradient(batch)
             step_size = context.lr * float(torch.linalg.vector_norm(true_gradient))
             forging_error = forgery.forging_error
@@ -382,8 +1268,9 @@ def attack_checkpoints(
                     update_norm=step_size,
                     replaced_loss=forgery.replaced_loss,
                     replaced_grad_norm=forgery.replaced_grad_norm,
-                    replaced=[int(i) for i in batch[slots]],
+                    replaced=[int(i) for i in batch[forgery.slots]],
                     replacement=[int(i) for i in forgery.replacement],
+                    num_candidates=forgery.num_candidates,
                 )
             )
             if callback is not None:

@@ -130,6 +130,71 @@ def plot_forging(
     return path
 
 
+def plot_detection(
+    path: Path,
+    *,
+    title: str,
+    tolerance: float,
+    honest: tuple[list[int], list[float]],
+    benign: tuple[list[int], list[float]],
+    forged: tuple[list[int], list[float]],
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float]],
+) -> Path:
+    """Plot one attack's forged replay errors against honest ones, and its ROC.
+
+    Args:
+        path: Where to write the PNG.
+        title: Figure title.
+        tolerance: The calibrated tau.
+        honest: Steps and replay errors of the honest steps.
+        benign: Steps and errors of honest steps replayed with a permuted batch.
+        forged: Steps and replay errors of the forged steps.
+        curves: ROC curves by label: ``(false positive rate, true positive rate,
+            AUC)``.
+
+    Returns:
+        ``path``.
+    """
+    values = [v for _, errors in (honest, benign, forged) for v in errors if v > 0]
+    floor = min([tolerance, *values]) * 1e-3 if tolerance > 0 or values else 1e-16
+    figure, (errors_axes, roc_axes) = plt.subplots(
+        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]}
+    )
+    for (steps, errors), style, label in (
+        (honest, dict(color="0.6", marker=".", ms=3, ls=""), "honest replay"),
+        (
+            benign,
+            dict(color="tab:blue", marker="^", ms=4, ls=""),
+            "honest, batch permuted",
+        ),
+        (forged, dict(color="tab:red", marker="x", ms=6, ls=""), "forged step"),
+    ):
+        if steps:
+            zero = sum(1 for e in errors if e <= 0)
+            note = f" ({zero} exactly 0, drawn at {floor:.0e})" if zero else ""
+            errors_axes.plot(
+                steps, _positive(list(errors), floor), label=label + note, **style
+            )
+    errors_axes.axhline(tolerance, color="k", ls="--", label=f"tau = {tolerance:.2e}")
+    errors_axes.set_yscale("log")
+    errors_axes.set_xlabel("step")
+    errors_axes.set_ylabel("replay error (L2 to logged checkpoint)")
+    errors_axes.legend(fontsize=7)
+    for label, (fpr, tpr, auc) in curves.items():
+        roc_axes.plot(fpr, tpr, drawstyle="steps-post", label=f"{label}: AUC {auc:.3f}")
+    roc_axes.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    roc_axes.set_xlabel("honest steps rejected")
+    roc_axes.set_ylabel("forged steps rejected")
+    roc_axes.set_xlim(-0.02, 1.02)
+    roc_axes.set_ylim(-0.02, 1.02)
+    roc_axes.legend(fontsize=7, loc="lower right")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 @dataclass
 class CheckpointSummary:
     """Forging errors at one checkpoint, across runs, next to the tolerance."""

@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,9 @@ class ReproduceSettings:
         num_replaced: f, examples replaced per batch.
         num_candidates: M, candidate subsets per forgery.
         safety_factor: Multiplier of the automatic tolerance.
+        attack_table: Also run every attack of the catalogue once per run at one
+            checkpoint, three quarters into training (the compact attack table).
+        attack_runs: Random batches per attack in that table.
     """
 
     model: str = "lenet"
@@ -111,6 +114,108 @@ class ReproduceSettings:
     num_replaced: int = 1
     num_candidates: int = 300
     safety_factor: float = DEFAULT_SAFETY_FACTOR
+    attack_table: bool = True
+    attack_runs: int = 2
+
+
+ATTACK_TABLE_AT = 0.75
+"""The compact attack table attacks the checkpoint this far into training."""
+
+ATTACK_TABLE_REPLACED = {"greedy": 2}
+"""Examples replaced per batch in the attack table (f = 1 for the others; greedy
+needs several slots to differ from nearest)."""
+
+
+@dataclass
+class AttackSummary:
+    """One attack of the catalogue at one checkpoint: a row of the attack table."""
+
+    attack: str
+    step: int
+    num_replaced: int
+    num_candidates: int
+    forging_errors: list[float]
+    tolerance: float
+    seconds: float
+
+    @property
+    def minimum(self) -> float:
+        """Smallest forging error."""
+        return float(np.min(self.forging_errors))
+
+    @property
+    def median(self) -> float:
+        """Median forging error."""
+        return float(np.median(self.forging_errors))
+
+    @property
+    def maximum(self) -> float:
+        """Largest forging error."""
+        return float(np.max(self.forging_errors))
+
+    @property
+    def margin(self) -> float:
+        """Smallest forging error divided by the tolerance."""
+        return self.minimum / self.tolerance if self.tolerance > 0 else float("inf")
+
+    @property
+    def num_detected(self) -> int:
+        """Forgeries whose error exceeds the tolerance."""
+        return sum(1 for e in self.forging_errors if e > self.tolerance)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dictionary."""
+        return asdict(self) | {
+            "minimum": self.minimum,
+            "median": self.median,
+            "maximum": self.maximum,
+            "margin": self.margin,
+            "num_detected": self.num_detected,
+        }
+
+
+def attack_table(
+    trace: Trace,
+    dataset: Dataset,
+    tolerance: float,
+    settings: ReproduceSettings,
+    task: TaskFactory,
+) -> list[AttackSummary]:
+    """Run every attack with its published defaults at one checkpoint.
+
+    The checkpoint is the one :data:`ATTACK_TABLE_AT` of the way into training;
+    each of ``settings.attack_runs`` runs draws a random batch (the same batches for
+    every attack) and forges it.
+    """
+    from forgelab.attacks import ATTACKS
+
+    position = int(ATTACK_TABLE_AT * (len(trace.checkpoints) - 1))
+    step = trace.checkpoints[position].step
+    rows = []
+    for name in ATTACKS:
+        started = time.perf_counter()
+        records = attack_checkpoints(
+            trace,
+            dataset,
+            attack=name,
+            steps=[step],
+            num_runs=settings.attack_runs,
+            num_replaced=ATTACK_TABLE_REPLACED.get(name, 1),
+            seed=settings.seed,
+            callback=task(f"attack table: {name}"),
+        )
+        rows.append(
+            AttackSummary(
+                attack=name,
+                step=step,
+                num_replaced=len(records[0].replaced),
+                num_candidates=records[0].num_candidates,
+                forging_errors=[r.forging_error for r in records],
+                tolerance=tolerance,
+                seconds=time.perf_counter() - started,
+            )
+        )
+    return rows
 
 
 @dataclass
@@ -122,6 +227,7 @@ class ReproduceResult:
     forgeries: list[CheckpointForgery]
     summaries: list[CheckpointSummary]
     seconds: dict[str, float]
+    attacks: list[AttackSummary] = field(default_factory=list)
 
     @property
     def tolerance(self) -> float:
@@ -209,6 +315,14 @@ def run_reproduce(
     )
     result = ReproduceResult(trace, verification, forgeries, summaries, seconds)
 
+    # every attack of the catalogue at one checkpoint
+    if settings.attack_table:
+        started = time.perf_counter()
+        result.attacks = attack_table(
+            trace, dataset, verification.calibration.tolerance, settings, task
+        )
+        seconds["attack table"] = time.perf_counter() - started
+
     # report
     title = f"{dataset.name}/{settings.model}"
     plot_verification(verification, out / "reproduction_error.png", title)
@@ -254,6 +368,7 @@ def results_json(
         "verification": result.verification.to_json(),
         "checkpoints": [asdict(s) | {"margin": s.margin} for s in result.summaries],
         "forgeries": [f.to_json() for f in result.forgeries],
+        "attacks": [a.to_json() for a in result.attacks],
         "seconds": result.seconds,
     }
 
@@ -395,6 +510,9 @@ def render_report(
         f"{np.median(updates):.3e}; the forging error is a median "
         f"{np.median(forging / updates):.1%} of it.",
         "",
+    ]
+    lines += render_attack_table(result.attacks)
+    lines += [
         "## Figures",
         "",
         "- `reproduction_error.png`: reproduction error of every logged step against "
@@ -407,3 +525,38 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def render_attack_table(rows: list[AttackSummary]) -> list[str]:
+    """The compact attack table as Markdown lines (nothing if it was not run)."""
+    if not rows:
+        return []
+    tau = rows[0].tolerance
+    lines = [
+        f"## Every attack at step {rows[0].step}",
+        "",
+        "Each attack of the catalogue with its published defaults (the stronger "
+        "`nearest` and `greedy` search the whole pool), on the same "
+        f"{len(rows[0].forging_errors)} random batch(es), against tau = {tau:.3e}. "
+        "Whole-batch attacks replace all examples; `greedy` replaces two so that it "
+        "differs from `nearest`.",
+        "",
+        "| attack | replaced | candidates | forging error min | median | max | "
+        "margin (min/tau) | detected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.attack} | {r.num_replaced} | {r.num_candidates} | {r.minimum:.3e} | "
+        f"{r.median:.3e} | {r.maximum:.3e} | {r.margin:.3g} | "
+        f"{r.num_detected}/{len(r.forging_errors)} |"
+        for r in rows
+    ]
+    missed = [r.attack for r in rows if r.num_detected < len(r.forging_errors)]
+    lines += [
+        "",
+        "Not detected at tau: " + ", ".join(missed) + "."
+        if missed
+        else "Every forgery of every attack leaves an error above tau.",
+        "",
+    ]
+    return lines

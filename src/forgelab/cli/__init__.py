@@ -14,6 +14,7 @@ import click
 
 from forgelab.cli import (  # noqa: F401 - registers the commands
     bench,
+    evaluate,
     forge,
     reproduce,
     theory,

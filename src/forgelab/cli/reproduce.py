@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from forgelab.cli.base import (
     cli,
@@ -15,6 +16,42 @@ from forgelab.cli.base import (
 )
 from forgelab.cli.forge import forging_table
 from forgelab.errors import EXIT_ACCEPTED
+
+
+def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
+    """The compact attack table: every attack at one checkpoint against tau."""
+    table = Table(
+        title=f"every attack at step {rows[0].step} (published defaults), tau = "
+        f"{rows[0].tolerance:.3e}"
+    )
+    for column in (
+        "attack",
+        "replaced",
+        "candidates",
+        "forging error min",
+        "median",
+        "max",
+        "margin",
+        "detected",
+        "seconds",
+    ):
+        table.add_column(column, justify="right")
+    for row in rows:
+        detected = f"{row.num_detected}/{len(row.forging_errors)}"
+        if row.num_detected < len(row.forging_errors):
+            detected = f"[red]{detected}[/red]"
+        table.add_row(
+            row.attack,
+            str(row.num_replaced),
+            str(row.num_candidates),
+            f"{row.minimum:.3e}",
+            f"{row.median:.3e}",
+            f"{row.maximum:.3e}",
+            f"{row.margin:.3g}",
+            detected,
+            f"{row.seconds:.0f}",
+        )
+    return table
 
 
 @cli.command()
@@ -69,6 +106,20 @@ from forgelab.errors import EXIT_ACCEPTED
 @click.option(
     "--batch-size", type=int, default=100, show_default=True, callback=positive_int
 )
+@click.option(
+    "--attack-table/--no-attack-table",
+    default=True,
+    show_default=True,
+    help="Also run every attack once per run at one checkpoint (compact table).",
+)
+@click.option(
+    "--attack-runs",
+    type=int,
+    default=2,
+    show_default=True,
+    callback=positive_int,
+    help="Random batches per attack in the attack table.",
+)
 def reproduce(
     dataset: str,
     model: str,
@@ -86,6 +137,8 @@ def reproduce(
     momentum: float,
     weight_decay: float,
     batch_size: int,
+    attack_table: bool,
+    attack_runs: int,
 ) -> int:
     """Record, verify and forge a trace on real data; write a report and figures."""
     from forgelab.data import load_dataset
@@ -120,6 +173,8 @@ def reproduce(
         num_replaced=num_replaced,
         num_candidates=num_candidates,
         safety_factor=safety_factor,
+        attack_table=attack_table,
+        attack_runs=attack_runs,
     )
     with progress_bars() as tasks:
         result = run_reproduce(out, data, settings, tasks)
@@ -147,5 +202,7 @@ def reproduce(
             f"all {len(result.forgeries)} forgeries detected; margin min(forging error)"
             f" / tolerance = {result.margin:.1f}"
         )
+    if result.attacks:
+        console.print(attack_summary_table(result.attacks))
     console.print(f"report: {out / 'report.md'}, results.json and figures in {out}")
     return EXIT_ACCEPTED

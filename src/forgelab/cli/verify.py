@@ -90,6 +90,14 @@ def _verify_table(report, show_all: bool, stateful: bool) -> Table:  # noqa: ANN
     help="For a trace recorded from your own loop: the model entry point you trust. "
     "It is imported (running its code) only if the trace names exactly this one.",
 )
+@click.option(
+    "--removed",
+    "removed_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="For a trace that claims its dataset minus removed examples: the file "
+    "listing them (checked against the claimed hash).",
+)
 def verify(
     trace_dir: Path,
     data_dir: Path | None,
@@ -100,9 +108,11 @@ def verify(
     out: Path | None,
     all_steps: bool,
     allow_import: str | None,
+    removed_file: Path | None,
 ) -> int:
     """Replay every step of TRACE and accept or reject it (exit 0 or 1)."""
     from forgelab.data import load_dataset
+    from forgelab.forgery import dataset_for_trace
     from forgelab.replay import verify_trace
     from forgelab.report import plot_verification, write_json
     from forgelab.trace import Trace
@@ -111,7 +121,9 @@ def verify(
     if not safety_factor > 0:
         raise click.BadParameter("must be positive", param_hint="--safety-factor")
     trace = Trace(trace_dir, allow_import=allow_import)
-    data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
+    data = dataset_for_trace(
+        trace, load_dataset(trace.manifest["dataset"]["name"], data_dir), removed_file
+    )
     with progress_bars() as tasks:
         report = verify_trace(
             trace,
