@@ -657,7 +657,8 @@ def summarise(results: dict) -> list[dict]:
         entry = results["reeval"]
         add(
             "reeval",
-            "reeval fast vs published (f=1, M=300, b=100, lenet)",
+            f"reeval fast vs published (f={entry['num_replaced']}, "
+            f"M={entry['num_candidates']}, b={entry['batch_size']}, lenet)",
             entry["ratio"],
             "identical selection"
             if entry["identical_selection"]
