@@ -42,6 +42,7 @@ def test_sides_alternate_their_order_between_rounds():
     [
         ({"only": ("floor", "speed")}, "unknown measurement 'speed'"),
         ({"repeats": 0}, "repeats must be >= 1"),
+        ({"batch_size": 4000}, "batch size must be <= 1000"),
         ({"num_replaced": 101}, "f must be between"),
         ({"large_pool": 10}, "large pool"),
         ({"trace_steps": 1}, "trace steps"),
