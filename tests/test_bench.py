@@ -42,6 +42,7 @@ def test_sides_alternate_their_order_between_rounds():
     [
         ({"only": ("floor", "speed")}, "unknown measurement 'speed'"),
         ({"repeats": 0}, "repeats must be >= 1"),
+        ({"batch_size": 4000}, "batch size must be <= 1000"),
         ({"num_replaced": 101}, "f must be between"),
         ({"large_pool": 10}, "large pool"),
         ({"trace_steps": 1}, "trace steps"),
@@ -64,7 +65,13 @@ def test_summary_compares_each_headline_with_its_target():
                 "vmap_over_engine": 3.0,
             }
         ],
-        "reeval": {"ratio": 31.0, "identical_selection": True},
+        "reeval": {
+            "ratio": 31.0,
+            "identical_selection": True,
+            "num_replaced": 1,
+            "num_candidates": 300,
+            "batch_size": 100,
+        },
         "nearest": [
             {"pool_size": 60000, "peak_rss_gb": 2.5, "seconds": 1.0, "pool": "random"}
         ],
@@ -137,7 +144,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "reeval fast vs published" in printed
+    assert "reeval fast vs published (f=1, M=5, b=10, lenet)" in printed
     results = json.loads((out / "bench.json").read_text())
     assert [row["measurement"] for row in results["summary"]] == ["reeval"]
     assert results["reeval"]["identical_selection"] is True

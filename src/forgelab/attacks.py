@@ -56,8 +56,11 @@ from forgelab.trace import Trace
 
 logger = logging.getLogger(__name__)
 
-DISTANCE_CHUNK = 256
-"""Candidate rows whose summed gradients are held at once when ranking candidates."""
+DISTANCE_CHUNK = 64
+"""Candidate rows whose summed gradients are held at once when ranking candidates.
+
+64 LeNet rows take 16 MB, a buffer that malloc recycles between calls; much larger
+ones are mapped afresh every time, and their page faults cost more than the sums."""
 
 POOL_CHUNK_BYTES = 64 * 2**20
 """Memory budget of the stronger attacks' pool scans: the per-sample gradients held

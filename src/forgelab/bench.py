@@ -53,6 +53,9 @@ TARGETS = {
 }
 """The goal of each headline figure: a comparison and a bound."""
 
+MAX_BATCH_SIZE = 1000
+"""Largest batch the benchmark accepts; its batches come from 4,000 digits."""
+
 ENGINE_ROUND_FACTOR = 3
 """The per-sample engine comparisons run this many times ``repeats`` rounds (each
 round takes well under a second, and a batched MLP step is short enough for load
@@ -110,6 +113,11 @@ class BenchSettings:
         for name in ("batch_size", "repeats", "threads", "num_candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(
+                f"batch size must be <= {MAX_BATCH_SIZE} (the benchmark draws batches "
+                f"from the 4,000 embedded MNIST digits), got {self.batch_size}"
+            )
         if not 1 <= self.num_replaced <= self.batch_size:
             raise ConfigError(
                 f"f must be between 1 and the batch size, got {self.num_replaced}"
@@ -657,7 +665,8 @@ def summarise(results: dict) -> list[dict]:
         entry = results["reeval"]
         add(
             "reeval",
-            "reeval fast vs published (f=1, M=300, b=100, lenet)",
+            f"reeval fast vs published (f={entry['num_replaced']}, "
+            f"M={entry['num_candidates']}, b={entry['batch_size']}, lenet)",
             entry["ratio"],
             "identical selection"
             if entry["identical_selection"]
