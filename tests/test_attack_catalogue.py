@@ -192,12 +192,16 @@ def test_shuffled_batches_are_consecutive_passes_over_the_pool():
 
 
 @pytest.mark.parametrize(
-    ("model", "slots", "max_bytes"),
-    [("lenet", [3], 2**24), ("logreg", [0, 6], 2**19), ("logreg", [0, 6], 2**30)],
+    ("model", "slots", "pool_size", "max_bytes"),
+    [
+        ("lenet", [3], 16, 2**22),
+        ("logreg", [0, 6], 40, 2**19),
+        ("logreg", [0, 6], 40, 2**30),
+    ],
 )
-def test_nearest_equals_brute_force(mnist_small, model, slots, max_bytes):
+def test_nearest_equals_brute_force(mnist_small, model, slots, pool_size, max_bytes):
     context = _context(mnist_small, name=model)
-    batch, pool = _case(size=10, pool_size=40)
+    batch, pool = _case(size=10, pool_size=pool_size)
     if max_bytes < 2**30:
         assert context.rows_per_chunk(max_bytes) < len(pool)  # several chunks
     slots = np.array(slots)
@@ -205,7 +209,7 @@ def test_nearest_equals_brute_force(mnist_small, model, slots, max_bytes):
     assert np.array_equal(
         fast.replacement, ref.nearest_slow(context, batch, slots, pool)
     )
-    assert fast.num_candidates == 40
+    assert fast.num_candidates == pool_size
     exact = float(
         torch.linalg.vector_norm(
             ref.gradient(context, fast.batch) - ref.gradient(context, batch)

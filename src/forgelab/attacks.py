@@ -776,7 +776,9 @@ def zhang_sn(
         replacement,
         replaced_grads,
         replaced_losses,
-        num_candidates=int(np.isin(pool_labels, context.labels[batch[slots]]).sum()),
+        num_candidates=int(
+            np.isin(pool_labels, context.labels[batch[slots]].numpy()).sum()
+        ),
         criterion="input cosine similarity (mean over slots; higher is closer)",
         score=similarity_sum / len(slots),
     )
