@@ -157,6 +157,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
         (["theory", "--tolerance", "inf"], "must be in (0, 1e-06]"),
         (["theory", "--tolerance", "1e-5"], "must be in (0, 1e-06]"),
         (["reproduce", "--seed", "abc"], "'abc' is not a valid integer"),
+        (["train", "--out", ""], "must not be empty"),
+        (["verify", "x", "--safety-factor", "inf"], "positive finite number"),
     ],
 )
 def test_usage_errors_are_one_line(args, message, capsys):

@@ -56,6 +56,9 @@ from forgelab.trace import Trace
 
 logger = logging.getLogger(__name__)
 
+MAX_CANDIDATES = 10**7
+"""Most candidate subsets an attack draws (their indices alone take 80 MB per slot)."""
+
 DISTANCE_CHUNK = 64
 """Candidate rows whose summed gradients are held at once when ranking candidates.
 
@@ -235,8 +238,11 @@ def draw_subsets(
     pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Draw ``num_candidates`` subsets of ``size`` examples, with replacement."""
-    if num_candidates < 1:
-        raise ConfigError(f"number of candidates must be >= 1, got {num_candidates}")
+    if not 1 <= num_candidates <= MAX_CANDIDATES:
+        raise ConfigError(
+            f"number of candidates must be in [1, {MAX_CANDIDATES}], "
+            f"got {num_candidates}"
+        )
     return pool[rng.integers(len(pool), size=(num_candidates, size))]
 
 
@@ -364,7 +370,7 @@ def _rank_batches(
         )
     best = int(np.argmin(scores[inverse]))
     with torch.no_grad():
-        logits = context.model(context.inputs[batch].to(context.dtype))
+        logits = context.model(as_model_input(context.inputs[batch], context.dtype))
     replaced_loss = float(compute_loss(context.loss, logits, context.labels[batch]))
     return Forgery(
         batch=candidates[best].copy(),
@@ -453,12 +459,8 @@ def thudi(
     replacement = np.empty(len(slots), dtype=np.int64)
     score = 0.0
     for position, candidates in enumerate(draws):
-        candidate_grads, _ = context.per_sample(candidates)
-        distances = torch.linalg.vector_norm(
-            candidate_grads.to(torch.float64)
-            - replaced_grads[position].to(torch.float64),
-            dim=1,
-        )
+        # streamed: the M candidates' gradients are never held at once
+        distances = context.distances(candidates, replaced_grads[position])
         best = int(torch.argmin(distances))
         replacement[position] = candidates[best]
         score += float(distances[best])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from forgelab.cli.base import cli, console, data_dir_option, positive_int
+from forgelab.cli.base import OUTPUT_PATH, cli, console, data_dir_option, positive_int
 from forgelab.errors import EXIT_ACCEPTED
 
 
@@ -101,7 +101,7 @@ def _summary_table(results: dict) -> Table:
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=Path("forgelab-out/bench"),
     show_default=True,
     help="Directory for bench.json.",

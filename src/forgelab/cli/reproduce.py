@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -60,7 +61,7 @@ def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
 @data_dir_option
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=Path("forgelab-out/reproduce"),
     show_default=True,
     help="Output directory (its trace/ is replaced).",
@@ -149,8 +150,10 @@ def reproduce(
         run_reproduce,
     )
 
-    if not safety_factor > 0:
-        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    if not 0 < safety_factor < float("inf"):
+        raise click.BadParameter(
+            "must be a positive finite number", param_hint="--safety-factor"
+        )
     name, lr = default_optimizer(model, optimizer, lr)
     config = OptimizerConfig(
         name=name,

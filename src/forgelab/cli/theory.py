@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from forgelab.cli.base import cli, console, progress_bars
+from forgelab.cli.base import OUTPUT_PATH, cli, console, progress_bars
 from forgelab.errors import EXIT_ACCEPTED
 
 MAX_THEORY_TOLERANCE = 1e-6
@@ -24,7 +24,7 @@ MAX_THEORY_TOLERANCE = 1e-6
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=None,
     help="Output directory (default: forgelab-out/theory-<dataset>).",
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -23,9 +24,7 @@ from forgelab.errors import EXIT_ACCEPTED
     help="Dataset name [default: mnist; with --resume, the trace's dataset].",
 )
 @click.option("--model", default="lenet", show_default=True, help="Model name.")
-@click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Trace dir."
-)
+@click.option("--out", type=OUTPUT_PATH, required=True, help="Trace dir.")
 @data_dir_option
 @click.option(
     "--epochs",

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -77,7 +78,7 @@ def _verify_table(report, show_all: bool, stateful: bool) -> Table:  # noqa: ANN
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=None,
     help="Where to write verify.json and verify.png "
     "(default: forgelab-out/verify-<trace name>).",
@@ -118,8 +119,10 @@ def verify(
     from forgelab.trace import Trace
 
     fixed = parse_tolerance(tolerance)
-    if not safety_factor > 0:
-        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    if not 0 < safety_factor < float("inf"):
+        raise click.BadParameter(
+            "must be a positive finite number", param_hint="--safety-factor"
+        )
     trace = Trace(trace_dir, allow_import=allow_import)
     data = dataset_for_trace(
         trace, load_dataset(trace.manifest["dataset"]["name"], data_dir), removed_file
