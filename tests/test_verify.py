@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from forgelab.cli import main
 from forgelab.errors import TraceError
@@ -111,3 +112,22 @@ def test_segments_replay_independently_and_agree_with_full_verification(
         assert alone.l2 == full.segments[position - 1].l2
     with pytest.raises(ValueError, match="segment position"):
         replay_segment(trace, mnist_small, 0)
+
+
+def test_a_trace_whose_replay_is_not_reproducible_is_undecidable(
+    logreg_trace, digits, monkeypatch
+):
+    """Randomness in the model (like dropout) must never widen tau to accept all."""
+    from forgelab import replay
+    from forgelab.errors import UndecidableError
+
+    real = replay.Replayer.replay
+
+    def noisy(self, start, batches, **kwargs):
+        weights, state = real(self, start, batches, **kwargs)
+        return weights + 1e-2 * torch.randn_like(weights), state
+
+    monkeypatch.setattr(replay.Replayer, "replay", noisy)
+    with pytest.raises(UndecidableError, match="not reproducible"):
+        verify_trace(Trace(logreg_trace), digits)
+    assert UndecidableError.exit_code == 1

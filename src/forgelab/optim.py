@@ -25,6 +25,8 @@ from torch import nn
 from forgelab.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+MAX_SETTING = 1e4
+"""Largest learning rate or weight decay accepted."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,20 @@ class OptimizerConfig:
             )
         values = (self.lr, self.momentum, self.weight_decay, self.eps)
         if not all(math.isfinite(value) for value in values):
-            raise ConfigError(f"optimizer settings must be finite, got {values}")
+            raise ConfigError(
+                f"optimizer settings must be finite, got lr {self.lr}, momentum "
+                f"{self.momentum}, weight decay {self.weight_decay}, eps {self.eps}"
+            )
+        # beyond these, one float32 update overflows or never settles
+        if (
+            self.momentum > 1
+            or self.lr > MAX_SETTING
+            or self.weight_decay > MAX_SETTING
+        ):
+            raise ConfigError(
+                f"need momentum <= 1 and lr, weight decay <= {MAX_SETTING:g}; got "
+                f"{self.momentum}, {self.lr} and {self.weight_decay}"
+            )
 
     @property
     def is_stateless(self) -> bool:

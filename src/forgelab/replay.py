@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from forgelab.data import Dataset
-from forgelab.errors import TraceError
+from forgelab.errors import TraceError, UndecidableError
 from forgelab.models import as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
 from forgelab.trace import MANIFEST_NAME, Checkpoint, Trace
@@ -56,6 +56,8 @@ forging errors (about 3e-5 for LeNet/MNIST).
 """
 
 DEFAULT_CALIBRATION_SEGMENTS = 8
+MAX_BENIGN_SHARE = 0.05
+"""Benign recomputations differing by more than this share of an update: undecidable."""
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -441,6 +443,24 @@ def calibrate_tolerance(
         * max(max(benign_state[key].values()), eps * float(np.median(norms)))
         for key, norms in state_norms.items()
     }
+    # a tolerance that is not finite, or benign recomputations that disagree by a
+    # sizeable share of the update (randomness in the model, e.g. dropout), would
+    # accept anything: the verifier cannot decide and says so instead
+    typical_update = float(np.median(update_norms))
+    if not math.isfinite(tolerance) or not all(
+        math.isfinite(t) for t in state_tolerances.values()
+    ):
+        raise UndecidableError(
+            f"{trace.root}: benign recomputations overflow (non-finite distances); "
+            "cannot calibrate a tolerance for this trace"
+        )
+    if largest > MAX_BENIGN_SHARE * typical_update:
+        raise UndecidableError(
+            f"{trace.root}: benign recomputations of the same step differ by "
+            f"{largest:.2e}, {largest / typical_update:.0%} of a typical update "
+            f"({typical_update:.2e}); replay is not reproducible (randomness in the "
+            "model such as dropout?), so no tolerance can separate honest from forged"
+        )
     logger.info("calibrated tolerance %.3e from %s", tolerance, benign)
     return Calibration(
         tolerance=tolerance,
@@ -511,9 +531,14 @@ def verify_trace(
         # load the next checkpoint, replay the segment, compare
         end = trace.load_checkpoint(position)
         result = replayer.compare(start, end)
-        result.passed = result.l2 <= tau and all(
-            error <= calibration.state_tolerance(key)
-            for key, error in result.state_errors.items()
+        # a non-finite error never passes, whatever the tolerance
+        result.passed = (
+            math.isfinite(result.l2)
+            and result.l2 <= tau
+            and all(
+                math.isfinite(error) and error <= calibration.state_tolerance(key)
+                for key, error in result.state_errors.items()
+            )
         )
         if not result.passed:
             logger.info(

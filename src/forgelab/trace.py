@@ -647,6 +647,11 @@ class Trace:
         for name in self._list(self.root, MAX_STRAY_FILES):
             if name in (MANIFEST_NAME, CHECKPOINT_DIR) or _TEMPORARY_FILE.match(name):
                 continue
+            # code beside the trace could be imported by --allow-import from here
+            if name == "__pycache__" or name.lower().endswith((".py", ".pyc", ".so")):
+                raise TraceError(
+                    f"{self.root / name}: unexpected code file in the trace directory"
+                )
             if name.startswith("step-") or name.lower().endswith(_PICKLE_SUFFIXES):
                 raise TraceError(
                     f"{self.root / name}: unexpected file; checkpoints are read only "
