@@ -57,3 +57,23 @@ def replace_index(position: int, new_index: int):
         tensors["batch_indices"] = indices
 
     return change
+
+
+def checkpoint_path(trace: Path, step: int) -> Path:
+    entry = next(e for e in read_manifest(trace)["checkpoints"] if e["step"] == step)
+    return trace / entry["file"]
+
+
+def rehash(trace: Path, step: int) -> None:
+    """Record the current hash of checkpoint ``step``'s file, as a forger would."""
+    manifest = read_manifest(trace)
+    entry = next(e for e in manifest["checkpoints"] if e["step"] == step)
+    entry["sha256"] = sha256_bytes((trace / entry["file"]).read_bytes())
+    write_manifest(trace, manifest)
+
+
+def set_tensor(key: str, value: torch.Tensor):
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key] = value
+
+    return change

@@ -147,3 +147,23 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["verify", "x", "--tolerance", "abc"], "neither 'auto' nor a number"),
+        (["theory", "--tolerance", "inf"], "must be in (0, 1e-06]"),
+        (["theory", "--tolerance", "1e-5"], "must be in (0, 1e-06]"),
+        (["reproduce", "--seed", "abc"], "'abc' is not a valid integer"),
+        (["train", "--out", ""], "must not be empty"),
+        (["verify", "x", "--safety-factor", "inf"], "positive finite number"),
+    ],
+)
+def test_usage_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("forgelab: error: ")

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from forgelab.cli import main
 from forgelab.errors import TraceError
-from forgelab.replay import calibrate_tolerance, verify_trace
+from forgelab.replay import calibrate_tolerance, replay_segment, verify_trace
 from forgelab.trace import Trace
 from helpers import read_manifest, replace_index, rewrite_checkpoint, shift_one_weight
 
@@ -97,3 +98,36 @@ def test_cli_exit_codes(logreg_trace, tmp_path, capsys):
 
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
     assert main(["verify", str(logreg_trace), "--tolerance", "abc"]) == 2
+
+
+def test_segments_replay_independently_and_agree_with_full_verification(
+    lenet_trace, mnist_small
+):
+    rewrite_checkpoint(lenet_trace, 9, shift_one_weight(1e-5))
+    trace = Trace(lenet_trace)
+    full = verify_trace(trace, mnist_small, tolerance=1e-6)
+    for position in (10, 3, 9):
+        alone = replay_segment(trace, mnist_small, position)
+        assert alone.end_step == position
+        assert alone.l2 == full.segments[position - 1].l2
+    with pytest.raises(ValueError, match="segment position"):
+        replay_segment(trace, mnist_small, 0)
+
+
+def test_a_trace_whose_replay_is_not_reproducible_is_undecidable(
+    logreg_trace, digits, monkeypatch
+):
+    """Randomness in the model (like dropout) must never widen tau to accept all."""
+    from forgelab import replay
+    from forgelab.errors import UndecidableError
+
+    real = replay.Replayer.replay
+
+    def noisy(self, start, batches, **kwargs):
+        weights, state = real(self, start, batches, **kwargs)
+        return weights + 1e-2 * torch.randn_like(weights), state
+
+    monkeypatch.setattr(replay.Replayer, "replay", noisy)
+    with pytest.raises(UndecidableError, match="not reproducible"):
+        verify_trace(Trace(logreg_trace), digits)
+    assert UndecidableError.exit_code == 1

@@ -24,7 +24,9 @@ step, ``eps = eta * ||g(B) - g(B')||``. For SGD with momentum or weight decay an
 same optimizer state this is still the one-step weight error: the momentum buffer and
 the decay term are the same for both batches and cancel. The re-evaluation's
 reference code reports ``sqrt(eta) * ||g(B) - g(B')||`` instead; both are kept, under
-different names. The attacks' own selection criteria (weight distance after one step,
+different names. For Adam the forging error is the one-step weight distance from
+the same optimizer state (see :func:`forgelab.optim.measure_step_error`). The
+attacks' own selection criteria (weight distance after one step,
 squared gradient distance, per-layer norms, input similarity) are recorded next to it.
 """
 
@@ -42,14 +44,26 @@ from torch import nn
 
 from forgelab.data import Dataset
 from forgelab.errors import ConfigError
-from forgelab.gradients import batch_gradient, iter_per_sample_gradients
-from forgelab.models import compute_loss
+from forgelab.gradients import (
+    batch_gradient,
+    gradient_distances,
+    per_sample_gradients,
+    subset_distances,
+)
+from forgelab.models import as_model_input, compute_loss
+from forgelab.optim import measure_step_error
 from forgelab.trace import Trace
 
 logger = logging.getLogger(__name__)
 
-DISTANCE_CHUNK = 256
-"""Candidate rows whose summed gradients are held at once when ranking candidates."""
+MAX_CANDIDATES = 10**7
+"""Most candidate subsets an attack draws (their indices alone take 80 MB per slot)."""
+
+DISTANCE_CHUNK = 64
+"""Candidate rows whose summed gradients are held at once when ranking candidates.
+
+64 LeNet rows take 16 MB, a buffer that malloc recycles between calls; much larger
+ones are mapped afresh every time, and their page faults cost more than the sums."""
 
 POOL_CHUNK_BYTES = 64 * 2**20
 """Memory budget of the stronger attacks' pool scans: the per-sample gradients held
@@ -84,24 +98,29 @@ class AttackContext:
 
     def per_sample(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample gradients and losses of the examples at ``indices``."""
-        grads, losses = [], []
-        for _, flat, values in iter_per_sample_gradients(
+        dtype = next(self.model.parameters()).dtype
+        losses = torch.empty(len(indices), dtype=dtype)
+        grads = per_sample_gradients(
             self.model,
             self.loss,
-            self.inputs[indices].to(self.dtype),
+            as_model_input(self.inputs[indices], dtype),
             self.labels[indices],
-            with_losses=True,
-        ):
-            grads.append(flat)
-            losses.append(values)
-        return torch.cat(grads), torch.cat(losses)
+            losses=losses,
+        )
+        return grads, losses
+
+    def distances(self, indices: np.ndarray, target: torch.Tensor) -> torch.Tensor:
+        """L2 distances of the per-sample gradients at ``indices`` to ``target``."""
+        return gradient_distances(
+            target, self.model, self.loss, self.inputs[indices], self.labels[indices]
+        )
 
     def batch_gradient(self, indices: np.ndarray) -> torch.Tensor:
         """Gradient of the mean loss over the examples at ``indices``."""
         return batch_gradient(
             self.model,
             self.loss,
-            self.inputs[indices].to(self.dtype),
+            as_model_input(self.inputs[indices], self.dtype),
             self.labels[indices],
         )
 
@@ -219,8 +238,11 @@ def draw_subsets(
     pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Draw ``num_candidates`` subsets of ``size`` examples, with replacement."""
-    if num_candidates < 1:
-        raise ConfigError(f"number of candidates must be >= 1, got {num_candidates}")
+    if not 1 <= num_candidates <= MAX_CANDIDATES:
+        raise ConfigError(
+            f"number of candidates must be in [1, {MAX_CANDIDATES}], "
+            f"got {num_candidates}"
+        )
     return pool[rng.integers(len(pool), size=(num_candidates, size))]
 
 
@@ -348,7 +370,7 @@ def _rank_batches(
         )
     best = int(np.argmin(scores[inverse]))
     with torch.no_grad():
-        logits = context.model(context.inputs[batch].to(context.dtype))
+        logits = context.model(as_model_input(context.inputs[batch], context.dtype))
     replaced_loss = float(compute_loss(context.loss, logits, context.labels[batch]))
     return Forgery(
         batch=candidates[best].copy(),
@@ -437,12 +459,8 @@ def thudi(
     replacement = np.empty(len(slots), dtype=np.int64)
     score = 0.0
     for position, candidates in enumerate(draws):
-        candidate_grads, _ = context.per_sample(candidates)
-        distances = torch.linalg.vector_norm(
-            candidate_grads.to(torch.float64)
-            - replaced_grads[position].to(torch.float64),
-            dim=1,
-        )
+        # streamed: the M candidates' gradients are never held at once
+        distances = context.distances(candidates, replaced_grads[position])
         best = int(torch.argmin(distances))
         replacement[position] = candidates[best]
         score += float(distances[best])
@@ -493,8 +511,22 @@ def reeval(
     slots = np.asarray(slots)
     _check_slots(batch, slots, pool)
     draws = draw_subsets(pool, num_candidates, len(slots), rng)
+
+    # per-sample gradients of the replaced examples, summed: the target
     replaced_grads, replaced_losses = context.per_sample(batch[slots])
-    distances = _subset_distances(context, draws, replaced_grads)
+    target = replaced_grads.sum(0)
+    unique, inverse = np.unique(draws, return_inverse=True)
+    inverse = torch.from_numpy(inverse.reshape(draws.shape))
+
+    # rank candidate subsets by the distance of their summed gradients; a single
+    # replaced example needs only each candidate's own distance, streamed
+    if len(slots) == 1:
+        distances = context.distances(unique, target)[inverse[:, 0]]
+    else:
+        candidate_grads, _ = context.per_sample(unique)
+        distances = subset_distances(
+            candidate_grads, inverse, target, block_size=DISTANCE_CHUNK
+        )
     best = int(torch.argmin(distances))
     forged = batch.copy()
     forged[slots] = draws[best]
@@ -566,6 +598,15 @@ def reeval_naive(
     forged = batch.copy()
     forged[slots] = draws[best]
     return Forgery(forged, slots, draws[best], distances[best], context.lr)
+
+
+def _by_name(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a flattened gradient into tensors by parameter name."""
+    pieces, start = {}, 0
+    for name, param in model.named_parameters():
+        pieces[name] = flat[start : start + param.numel()].reshape(param.shape)
+        start += param.numel()
+    return pieces
 
 
 KONG_DISTANCES = {"paper": "squared gradient L2", "model": "weight L2"}
@@ -1089,10 +1130,11 @@ class CheckpointForgery:
         step: Step count of the attacked checkpoint.
         run: Run number.
         attack: Attack name.
-        forging_error: ``eta * ||g(B) - g(B')||``.
+        forging_error: ``eta * ||g(B) - g(B')||``; for a stateful optimizer the
+            distance between the one-step updates from the checkpoint's state.
         paper_error: ``sqrt(eta) * ||g(B) - g(B')||`` (the reference code's figure).
         distance: ``||g(B) - g(B')||``.
-        update_norm: ``eta * ||g(B)||``, the size of the true step.
+        update_norm: The size of the true step (``eta * ||g(B)||`` for plain SGD).
         replaced_loss: Mean loss of the replaced examples.
         replaced_grad_norm: Mean per-sample gradient norm of the replaced examples.
         replaced: Indices of the replaced examples.
@@ -1184,7 +1226,6 @@ def attack_checkpoints(
         raise ConfigError("--every and --runs must be >= 1")
     if not 1 <= num_replaced <= trace.batch_size:
         raise ConfigError(f"-f must be between 1 and the batch size {trace.batch_size}")
-    require_sgd(trace)
     positions = [
         position
         for position, entry in enumerate(trace.checkpoints[:-1])
@@ -1211,15 +1252,24 @@ def attack_checkpoints(
             pool = np.setdiff1d(everything, batch)
             slots = np.arange(num_replaced)
             forgery = forge_batch(attack, context, batch, slots, pool, rng, **options)
-            step_size = context.lr * float(
-                torch.linalg.vector_norm(context.batch_gradient(batch))
-            )
+            true_gradient = context.batch_gradient(batch)
+            step_size = context.lr * float(torch.linalg.vector_norm(true_gradient))
+            forging_error = forgery.forging_error
+            if not trace.optimizer.is_stateless:
+                # one step from the checkpoint's optimizer state with g(B) and g(B')
+                forging_error, step_size = measure_step_error(
+                    trace.optimizer,
+                    checkpoint.params,
+                    checkpoint.optimizer_state,
+                    _by_name(model, true_gradient),
+                    _by_name(model, context.batch_gradient(forgery.batch)),
+                )
             records.append(
                 CheckpointForgery(
                     step=checkpoint.step,
                     run=run,
                     attack=attack,
-                    forging_error=forgery.forging_error,
+                    forging_error=forging_error,
                     paper_error=forgery.paper_error,
                     distance=forgery.distance,
                     update_norm=step_size,

@@ -9,8 +9,19 @@ downloaded at run time:
 - ``breast-cancer``: scikit-learn's 30-feature tabular binary task, the stand-in for a
   tabular setup such as Adult.
 
-Inputs are scaled to [0, 1]. A :class:`Domain` says which raw values are legal, so
-that the theory and forging code can tell whether a constructed example could be real.
+Three more datasets of the re-evaluation (Suliman et al. 2025) are read from their
+standard distribution files in ``--data-dir`` (see :mod:`forgelab.datafiles`); they
+have no embedded copy:
+
+- ``cifar10``: CIFAR-10 (50,000/10,000 images 3x32x32, pixels 0-255).
+- ``imdb``: IMDB reviews as token-id sequences padded or truncated to 200 tokens; the
+  inputs are integer token ids, not scaled values.
+- ``adult``: UCI Adult, 105 features (six min-max scaled numeric attributes, eight
+  one-hot categorical ones), binary label.
+
+Real-valued inputs are scaled to [0, 1]. A :class:`Domain` says which raw values are
+legal, so that the theory and forging code can tell whether a constructed example
+could be real.
 """
 
 from __future__ import annotations
@@ -47,6 +58,12 @@ class Domain:
         value_step: Spacing of the raw value grid, or None for continuous values.
         label_kind: ``"one-hot"`` for a class index out of ``num_classes``.
         num_classes: Number of classes.
+        input_kind: ``"scaled"`` (the model sees real values ``(raw - offset) /
+            scale``) or ``"token-ids"`` (the model sees the raw integers, token ids
+            in ``[0, vocab_size)``, with 0 the padding id).
+        feature_groups: For tabular data with one-hot attributes, the column blocks
+            (:class:`forgelab.datafiles.FeatureGroup`); in a one-hot block at most one
+            column is 1.
     """
 
     input_shape: tuple[int, ...]
@@ -55,6 +72,8 @@ class Domain:
     value_step: float | None
     label_kind: str
     num_classes: int
+    input_kind: str = "scaled"
+    feature_groups: tuple = ()
 
     @property
     def num_levels(self) -> int | None:
@@ -62,6 +81,11 @@ class Domain:
         if self.value_step is None:
             return None
         return int(round((self.value_max - self.value_min) / self.value_step)) + 1
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Number of token ids for token-id inputs, else None."""
+        return self.num_levels if self.input_kind == "token-ids" else None
 
 
 @dataclass
@@ -71,7 +95,8 @@ class Dataset:
     Attributes:
         name: Registry name, e.g. ``"mnist"``.
         source: Where the arrays came from (``"embedded"`` or the directory).
-        x_train: Scaled training inputs, float32, shape ``(n, *input_shape)``.
+        x_train: Scaled training inputs, float32, shape ``(n, *input_shape)``; for
+            token-id data the int64 token ids.
         y_train: Training labels, int64, shape ``(n,)``.
         x_test: Scaled test inputs.
         y_test: Test labels.
@@ -171,6 +196,8 @@ def _assemble(
     shape = (-1, *domain.input_shape)
 
     def scaled(raw: np.ndarray) -> torch.Tensor:
+        if domain.input_kind == "token-ids":
+            return torch.from_numpy(raw.astype(np.int64)).reshape(shape)
         values = (raw.reshape(raw.shape[0], -1).astype(np.float64) - offset) / scale
         return torch.from_numpy(values.astype(np.float32)).reshape(shape)
 
@@ -358,7 +385,101 @@ def load_breast_cancer() -> Dataset:
     )
 
 
-DATASETS = ("mnist", "digits", "breast-cancer")
+def load_cifar10(data_dir: Path) -> Dataset:
+    """Load CIFAR-10 (50,000 train, 10,000 test) from its standard batch files.
+
+    Pixels are integers 0-255 scaled by 1/255, as in the re-evaluation.
+    """
+    from forgelab.datafiles import read_cifar10
+
+    arrays = read_cifar10(data_dir)
+    pixels = 3 * 32 * 32
+    return _assemble(
+        "cifar10",
+        str(data_dir),
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        Domain((3, 32, 32), 0.0, 255.0, 1.0, "one-hot", 10),
+        np.zeros(pixels),
+        np.full(pixels, 255.0),
+    )
+
+
+def load_imdb(data_dir: Path) -> Dataset:
+    """Load IMDB token ids from ``imdb.npz``, padded or truncated to 200 tokens.
+
+    The vocabulary is the largest token id in the file plus one (20,000 for the usual
+    preparation with ``num_words=20000``); id 0 pads.
+    """
+    from forgelab.datafiles import IMDB_CONTEXT, read_imdb
+
+    arrays = read_imdb(data_dir)
+    vocab_size = int(arrays["vocab_size"])
+    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    domain = Domain(
+        (IMDB_CONTEXT,),
+        0.0,
+        float(vocab_size - 1),
+        1.0,
+        "one-hot",
+        num_classes,
+        input_kind="token-ids",
+    )
+    return _assemble(
+        "imdb",
+        str(data_dir),
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        domain,
+        np.zeros(IMDB_CONTEXT),
+        np.ones(IMDB_CONTEXT),
+    )
+
+
+def load_adult(data_dir: Path) -> Dataset:
+    """Load UCI Adult from adult.data and adult.test (see ``read_adult``).
+
+    Each input lies in [0, 1]; the one-hot blocks are listed in the domain's
+    ``feature_groups``.
+    """
+    from forgelab.datafiles import adult_feature_groups, read_adult
+
+    arrays = read_adult(data_dir)
+    width = arrays["x_train"].shape[1]
+    domain = Domain(
+        (width,),
+        0.0,
+        1.0,
+        None,
+        "one-hot",
+        2,
+        feature_groups=adult_feature_groups(),
+    )
+    return _assemble(
+        "adult",
+        str(data_dir),
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        domain,
+        arrays["offset"],
+        arrays["scale"],
+    )
+
+
+DATASETS = ("mnist", "digits", "breast-cancer", "cifar10", "imdb", "adult")
+FILE_DATASETS = {
+    "cifar10": "the CIFAR-10 python batch files data_batch_1..5 and test_batch "
+    "(or the .bin version)",
+    "imdb": "imdb.npz with x_train, y_train, x_test, y_test",
+    "adult": "the UCI files adult.data and adult.test",
+}
+"""Datasets read only from files in --data-dir, and what the directory must hold."""
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
@@ -379,13 +500,28 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         raise DataError(
             f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}"
         )
+    if data_dir is None and name in FILE_DATASETS:
+        raise DataError(
+            f"dataset {name!r} has no embedded copy and nothing is downloaded; pass "
+            f"--data-dir DIR holding {FILE_DATASETS[name]}"
+        )
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
             raise DataError(f"--data-dir {path} is not a directory")
-        if name == "mnist":
-            return load_mnist_idx(path)
-        raise DataError(f"dataset {name!r} is embedded and takes no --data-dir")
+        file_loaders = {
+            "mnist": load_mnist_idx,
+            "cifar10": load_cifar10,
+            "imdb": load_imdb,
+            "adult": load_adult,
+        }
+        if name not in file_loaders:
+            raise DataError(f"dataset {name!r} is embedded and takes no --data-dir")
+        dataset = file_loaders[name](path)
+        logger.info(
+            "loaded %s from %s: %d train examples", name, path, dataset.num_train
+        )
+        return dataset
     loaders = {
         "mnist": load_mnist_embedded,
         "digits": load_digits,

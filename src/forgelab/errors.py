@@ -25,3 +25,13 @@ class TraceError(ForgelabError):
 
 class ConfigError(ForgelabError):
     """An option or a model/optimizer/loss name is invalid."""
+
+
+class UndecidableError(ForgelabError):
+    """The verifier cannot tell honest from forged steps for this trace.
+
+    Raised when benign recomputations of a step disagree too much for any tolerance
+    to separate them from forgeries; the trace is not accepted.
+    """
+
+    exit_code = EXIT_REJECTED

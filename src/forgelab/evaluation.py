@@ -421,7 +421,7 @@ def _benign_errors(
         position = position_of[int(step)]
         start = trace.load_checkpoint(position - 1)
         end = trace.load_checkpoint(position)
-        weights, _ = replayer.run(start, end.batches, permute=rng)
+        weights, _ = replayer.replay(start, end.batches, permute=rng)
         logged = replayer.flat(end).to(torch.float64)
         errors.append(float(torch.linalg.vector_norm(weights.double() - logged)))
     return [int(s) for s in steps], errors

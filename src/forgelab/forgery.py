@@ -54,7 +54,7 @@ from forgelab.attacks import (
 )
 from forgelab.data import Dataset, fingerprint_arrays
 from forgelab.errors import ConfigError, TraceError
-from forgelab.models import accuracy, compute_loss
+from forgelab.models import accuracy, as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
 from forgelab.replay import check_dataset
 from forgelab.report import write_json
@@ -360,7 +360,9 @@ def _train_step(
     dtype = next(model.parameters()).dtype
     optimizer.zero_grad(set_to_none=True)
     compute_loss(
-        loss, model(dataset.x_train[indices].to(dtype)), dataset.y_train[indices]
+        loss,
+        model(as_model_input(dataset.x_train[indices], dtype)),
+        dataset.y_train[indices],
     ).backward()
     optimizer.step()
 

@@ -15,6 +15,13 @@ the logged weights, so a forged step cannot widen its own tolerance):
   rounded result, against which the rounding error of the replay shows.
 
 tau is the largest such distance times a safety factor (:data:`DEFAULT_SAFETY_FACTOR`).
+
+For a stateful optimizer (SGD with momentum, Adam) the replay also restores the logged
+optimizer state and compares the recomputed state with the next checkpoint's, one kind
+of state tensor at a time (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``).
+Each kind gets its own tolerance, calibrated the same way from the distances between
+the benign recomputations, because Adam's second moments are orders of magnitude
+smaller than its first moments and both live on other scales than the weights.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ import torch
 from torch import nn
 
 from forgelab.data import Dataset
-from forgelab.errors import TraceError
-from forgelab.models import compute_loss
+from forgelab.errors import TraceError, UndecidableError
+from forgelab.models import as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
-from forgelab.trace import Checkpoint, Trace
+from forgelab.trace import MANIFEST_NAME, Checkpoint, Trace
 from forgelab.training import determinism
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,8 @@ forging errors (about 3e-5 for LeNet/MNIST).
 """
 
 DEFAULT_CALIBRATION_SEGMENTS = 8
+MAX_BENIGN_SHARE = 0.05
+"""Benign recomputations differing by more than this share of an update: undecidable."""
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -64,8 +73,11 @@ class SegmentResult:
         linf: Largest absolute difference of one weight.
         update_norm: L2 norm of the logged update (end weights minus start weights).
         relative: ``l2 / update_norm``.
-        state_l2: L2 distance of the optimizer state (0 for plain SGD).
-        passed: Whether ``l2`` (and ``state_l2``) are within the tolerance.
+        state_l2: L2 distance of the whole optimizer state (0 for plain SGD).
+        passed: Whether ``l2`` and every entry of ``state_errors`` are within their
+            tolerances.
+        state_errors: L2 distance per kind of optimizer state tensor (inf when the
+            logged and recomputed state do not have the same entries).
     """
 
     start_step: int
@@ -76,6 +88,7 @@ class SegmentResult:
     relative: float
     state_l2: float = 0.0
     passed: bool = True
+    state_errors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +101,9 @@ class Calibration:
         safety_factor: Multiplier applied to the largest benign distance.
         benign: Largest benign distance per source (permuted, threads, float64).
         sampled_steps: End steps of the segments the calibration replayed.
+        state_tolerances: Tolerance (L2) per kind of optimizer state tensor; a
+            kind not listed (with a fixed tolerance) is held to ``tolerance``.
+        benign_state: Largest benign distance per kind of state tensor and source.
     """
 
     tolerance: float
@@ -95,6 +111,12 @@ class Calibration:
     safety_factor: float = DEFAULT_SAFETY_FACTOR
     benign: dict[str, float] = field(default_factory=dict)
     sampled_steps: list[int] = field(default_factory=list)
+    state_tolerances: dict[str, float] = field(default_factory=dict)
+    benign_state: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def state_tolerance(self, key: str) -> float:
+        """The tolerance applied to one kind of optimizer state tensor."""
+        return self.state_tolerances.get(key, self.tolerance)
 
 
 @dataclass
@@ -138,18 +160,40 @@ def check_dataset(trace: Trace, dataset: Dataset) -> None:
     """Refuse to replay a trace on data other than the data it claims.
 
     Raises:
-        TraceError: If the dataset name or fingerprint differs.
+        TraceError: If the dataset's name, fingerprint or size, or the input shape
+            and number of classes the model was built for, differ from the verifier's
+            copy of the data.
     """
+    manifest = trace.root / MANIFEST_NAME
     claimed = trace.manifest["dataset"]
-    if claimed["name"] != dataset.name or claimed["fingerprint"] != dataset.fingerprint:
+    if claimed["name"] != dataset.name:
         raise TraceError(
-            f"{trace.root}: trace claims dataset {claimed['name']!r} with fingerprint "
-            f"{claimed['fingerprint'][:16]}..., but the verifier's copy "
-            f"({dataset.name}, {dataset.source}) has {dataset.fingerprint[:16]}...; "
-            f"point --data-dir at the data the trace was recorded on"
+            f"{manifest}: dataset.name is {claimed['name']!r}, but the verifier "
+            f"loaded {dataset.name!r}"
+        )
+    if claimed["fingerprint"] != dataset.fingerprint:
+        raise TraceError(
+            f"{manifest}: dataset.fingerprint {claimed['fingerprint'][:16]}... "
+            f"differs from the verifier's copy of {dataset.name} ({dataset.source}, "
+            f"{dataset.fingerprint[:16]}...); point --data-dir at the data the trace "
+            "was recorded on"
         )
     if claimed["num_train"] != dataset.num_train:
-        raise TraceError(f"{trace.root}: trace claims {claimed['num_train']} examples")
+        raise TraceError(
+            f"{manifest}: dataset.num_train is {claimed['num_train']}, the "
+            f"verifier's copy has {dataset.num_train} examples"
+        )
+    spec = trace.model_spec
+    if spec.input_shape != dataset.domain.input_shape:
+        raise TraceError(
+            f"{manifest}: model.input_shape {list(spec.input_shape)} differs from "
+            f"the dataset's {list(dataset.domain.input_shape)}"
+        )
+    if spec.num_classes != dataset.domain.num_classes:
+        raise TraceError(
+            f"{manifest}: model.num_classes {spec.num_classes} differs from the "
+            f"dataset's {dataset.domain.num_classes}"
+        )
 
 
 @contextlib.contextmanager
@@ -178,14 +222,14 @@ class Replayer:
         self.model = trace.build_model()
         self.names = [name for name, _ in self.model.named_parameters()]
 
-    def run(
+    def replay(
         self,
         start: Checkpoint,
         batches: list[np.ndarray],
         *,
         dtype: torch.dtype | None = None,
         permute: np.random.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Replay batches from a checkpoint.
 
         Args:
@@ -195,8 +239,19 @@ class Replayer:
             permute: If given, shuffle each batch's order with this generator.
 
         Returns:
-            The recomputed weights and optimizer state, each flattened.
+            The recomputed weights, flattened, and the optimizer state as one float64
+            vector per kind of state tensor.
         """
+        weights, optimizer = self._replay(start, batches, dtype, permute)
+        return weights, _state_by_key(optimizer, self.model)
+
+    def _replay(
+        self,
+        start: Checkpoint,
+        batches: list[np.ndarray],
+        dtype: torch.dtype | None,
+        permute: np.random.Generator | None,
+    ) -> tuple[torch.Tensor, torch.optim.Optimizer]:
         dtype = dtype or self.trace.dtype
         model = self.model.to(dtype)
         self.trace.load_weights_into(model, start)
@@ -206,44 +261,38 @@ class Replayer:
         for indices in batches:
             if permute is not None:
                 indices = permute.permutation(indices)
-            inputs = self.dataset.x_train[indices].to(dtype)
+            inputs = as_model_input(self.dataset.x_train[indices], dtype)
             labels = self.dataset.y_train[indices]
             optimizer.zero_grad(set_to_none=True)
             compute_loss(loss_name, model(inputs), labels).backward()
             optimizer.step()
         weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        return weights.clone(), _flat_state(optimizer, model)
+        return weights.clone(), optimizer
 
     def flat(self, checkpoint: Checkpoint) -> torch.Tensor:
         """A checkpoint's weights, flattened in the model's parameter order."""
         return torch.cat([checkpoint.params[n].reshape(-1) for n in self.names])
 
-    def flat_state(self, checkpoint: Checkpoint) -> torch.Tensor:
-        """A checkpoint's optimizer state, flattened like :func:`_flat_state`."""
-        parts = [
-            checkpoint.optimizer_state[name][key].reshape(-1).to(torch.float64)
-            for name in self.names
-            if name in checkpoint.optimizer_state
-            for key in sorted(checkpoint.optimizer_state[name])
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    def state_by_key(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+        """A checkpoint's optimizer state, one float64 vector per kind of tensor."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for name in self.names:
+            for key, value in checkpoint.optimizer_state.get(name, {}).items():
+                parts.setdefault(key, []).append(value.reshape(-1).to(torch.float64))
+        return {key: torch.cat(values) for key, values in sorted(parts.items())}
 
     def compare(self, start: Checkpoint, end: Checkpoint) -> SegmentResult:
         """Replay the segment from ``start`` to ``end`` and measure its error."""
         with determinism(self.trace.manifest["deterministic"]):
-            weights, state = self.run(start, end.batches)
+            weights, state = self.replay(start, end.batches)
         logged = self.flat(end).to(torch.float64)
         difference = weights.to(torch.float64) - logged
         update = float(
             torch.linalg.vector_norm(logged - self.flat(start).to(torch.float64))
         )
         l2 = float(torch.linalg.vector_norm(difference))
-        logged_state = self.flat_state(end)
-        state_l2 = (
-            float(torch.linalg.vector_norm(state - logged_state))
-            if state.shape == logged_state.shape
-            else math.inf
-        )
+        state_errors = _state_distances(state, self.state_by_key(end))
+        state_l2 = math.sqrt(sum(e**2 for e in state_errors.values()))
         return SegmentResult(
             start_step=start.step,
             end_step=end.step,
@@ -252,17 +301,57 @@ class Replayer:
             update_norm=update,
             relative=l2 / update if update > 0 else (0.0 if l2 == 0 else math.inf),
             state_l2=state_l2,
+            state_errors=state_errors,
         )
 
 
-def _flat_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.Tensor:
-    parts = []
+def replay_segment(trace: Trace, dataset: Dataset, position: int) -> SegmentResult:
+    """Replay one segment: a checkpoint, the batches after it, the next checkpoint.
+
+    A segment needs nothing but its two checkpoint files and the data, so segments can
+    be replayed independently, in any order, by separate processes or machines.
+
+    Args:
+        trace: The trace.
+        dataset: The verifier's copy of the data.
+        position: Index of the segment's end checkpoint in the manifest (>= 1).
+
+    Returns:
+        The reproduction error of the segment (``passed`` is left True; compare
+        ``l2`` with a tolerance to decide).
+    """
+    if not 1 <= position < len(trace.checkpoints):
+        raise ValueError(f"segment position must be in [1, {len(trace.checkpoints)})")
+    replayer = Replayer(trace, dataset)
+    start = trace.load_checkpoint(position - 1)
+    return replayer.compare(start, trace.load_checkpoint(position))
+
+
+def _state_distances(
+    replayed: dict[str, torch.Tensor], logged: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """L2 distance per kind of state tensor; inf where the entries differ."""
+    distances = {}
+    for key in sorted(set(replayed) | set(logged)):
+        a, b = replayed.get(key), logged.get(key)
+        if a is None or b is None or a.shape != b.shape:
+            distances[key] = math.inf
+        else:
+            distances[key] = float(torch.linalg.vector_norm(a - b))
+    return distances
+
+
+def _state_by_key(
+    optimizer: torch.optim.Optimizer, model: nn.Module
+) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
     for param in model.parameters():
-        state = optimizer.state.get(param, {})
-        for key in sorted(state):
-            if isinstance(state[key], torch.Tensor):
-                parts.append(state[key].detach().reshape(-1).to(torch.float64))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                parts.setdefault(key, []).append(
+                    value.detach().reshape(-1).to(torch.float64)
+                )
+    return {key: torch.cat(values) for key, values in sorted(parts.items())}
 
 
 def calibrate_tolerance(
@@ -299,24 +388,38 @@ def calibrate_tolerance(
         raise TraceError(f"{trace.root}: no step to calibrate on (only checkpoint 0)")
     chosen = np.sort(rng.choice(count, size=min(num_segments, count), replace=False))
     benign = {"permuted": 0.0, "threads": 0.0, "float64": 0.0}
+    benign_state: dict[str, dict[str, float]] = {}
     other_threads = 1 if torch.get_num_threads() > 1 else 2
-    update_norms = []
+    update_norms: list[float] = []
+    state_norms: dict[str, list[float]] = {}
     for position in chosen:
         start = trace.load_checkpoint(int(position))
         end = trace.load_checkpoint(int(position) + 1)
-        reference, _ = replayer.run(start, end.batches)
+        reference, reference_state = replayer.replay(start, end.batches)
         reference = reference.to(torch.float64)
         update_norms.append(
             float(torch.linalg.vector_norm(reference - replayer.flat(start).double()))
         )
-        permuted, _ = replayer.run(start, end.batches, permute=rng)
+        for key, value in reference_state.items():
+            state_norms.setdefault(key, []).append(
+                float(torch.linalg.vector_norm(value))
+            )
+        permuted = replayer.replay(start, end.batches, permute=rng)
         with num_threads(other_threads):
-            threaded, _ = replayer.run(start, end.batches)
+            threaded = replayer.replay(start, end.batches)
         # the float64 replay rounded once to the trace's dtype: the closest result
         # any implementation in that dtype could produce
-        precise, _ = replayer.run(start, end.batches, dtype=torch.float64)
-        precise = precise.to(trace.dtype)
-        for source, weights in (
+        precise_weights, precise_state = replayer.replay(
+            start, end.batches, dtype=torch.float64
+        )
+        precise = (
+            precise_weights.to(trace.dtype),
+            {
+                key: value.to(trace.dtype).to(torch.float64)
+                for key, value in precise_state.items()
+            },
+        )
+        for source, (weights, state) in (
             ("permuted", permuted),
             ("threads", threaded),
             ("float64", precise),
@@ -325,11 +428,39 @@ def calibrate_tolerance(
                 torch.linalg.vector_norm(weights.to(torch.float64) - reference)
             )
             benign[source] = max(benign[source], distance)
+            for key, state_distance in _state_distances(state, reference_state).items():
+                sources = benign_state.setdefault(key, dict.fromkeys(benign, 0.0))
+                # mismatched entries (inf) must never widen a tolerance
+                if math.isfinite(state_distance):
+                    sources[source] = max(sources[source], state_distance)
     # if every benign recomputation agreed exactly, fall back to one unit of
-    # round-off on the size of a typical update rather than a zero tolerance
+    # round-off on the size of a typical update (or state) rather than zero
+    eps = torch.finfo(trace.dtype).eps
     largest = max(benign.values())
-    floor = torch.finfo(trace.dtype).eps * float(np.median(update_norms))
-    tolerance = safety_factor * max(largest, floor)
+    tolerance = safety_factor * max(largest, eps * float(np.median(update_norms)))
+    state_tolerances = {
+        key: safety_factor
+        * max(max(benign_state[key].values()), eps * float(np.median(norms)))
+        for key, norms in state_norms.items()
+    }
+    # a tolerance that is not finite, or benign recomputations that disagree by a
+    # sizeable share of the update (randomness in the model, e.g. dropout), would
+    # accept anything: the verifier cannot decide and says so instead
+    typical_update = float(np.median(update_norms))
+    if not math.isfinite(tolerance) or not all(
+        math.isfinite(t) for t in state_tolerances.values()
+    ):
+        raise UndecidableError(
+            f"{trace.root}: benign recomputations overflow (non-finite distances); "
+            "cannot calibrate a tolerance for this trace"
+        )
+    if largest > MAX_BENIGN_SHARE * typical_update:
+        raise UndecidableError(
+            f"{trace.root}: benign recomputations of the same step differ by "
+            f"{largest:.2e}, {largest / typical_update:.0%} of a typical update "
+            f"({typical_update:.2e}); replay is not reproducible (randomness in the "
+            "model such as dropout?), so no tolerance can separate honest from forged"
+        )
     logger.info("calibrated tolerance %.3e from %s", tolerance, benign)
     return Calibration(
         tolerance=tolerance,
@@ -337,6 +468,8 @@ def calibrate_tolerance(
         safety_factor=safety_factor,
         benign=benign,
         sampled_steps=[trace.checkpoints[int(p) + 1].step for p in chosen],
+        state_tolerances=state_tolerances,
+        benign_state=benign_state,
     )
 
 
@@ -365,7 +498,15 @@ def verify_trace(
 
     Returns:
         Per-segment errors, verdicts and the overall decision.
+
+    Raises:
+        TraceError: If the trace holds no step, or a checkpoint is malformed.
     """
+    if len(trace.checkpoints) < 2:
+        raise TraceError(
+            f"{trace.root / MANIFEST_NAME}: lists only checkpoint 0; there is no step "
+            "to verify"
+        )
     replayer = Replayer(trace, dataset)
     if calibration is None:
         if tolerance is None:
@@ -390,9 +531,23 @@ def verify_trace(
         # load the next checkpoint, replay the segment, compare
         end = trace.load_checkpoint(position)
         result = replayer.compare(start, end)
-        result.passed = result.l2 <= tau and result.state_l2 <= tau
+        # a non-finite error never passes, whatever the tolerance
+        result.passed = (
+            math.isfinite(result.l2)
+            and result.l2 <= tau
+            and all(
+                math.isfinite(error) and error <= calibration.state_tolerance(key)
+                for key, error in result.state_errors.items()
+            )
+        )
         if not result.passed:
-            logger.info("step %d fails: l2 %.3e > tau %.3e", end.step, result.l2, tau)
+            logger.info(
+                "step %d fails: l2 %.3e (tau %.3e), state errors %s",
+                end.step,
+                result.l2,
+                tau,
+                result.state_errors,
+            )
         results.append(result)
         start = end
         if callback is not None:

@@ -21,15 +21,23 @@ import torch
 from forgelab import __version__
 from forgelab.data import Dataset
 from forgelab.errors import ConfigError, TraceError
-from forgelab.models import ModelSpec, accuracy, build_model, compute_loss
+from forgelab.models import (
+    ModelSpec,
+    accuracy,
+    as_model_input,
+    build_model,
+    compute_loss,
+)
 from forgelab.optim import OptimizerConfig, build_optimizer, import_state
 from forgelab.trace import (
+    CHECKPOINT_DIR,
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     Trace,
     TraceWriter,
+    is_temporary_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,6 +146,8 @@ def record_trace(
         raise ConfigError(f"{out} already holds a trace; use --resume or another --out")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
     if checkpoint_interval < 1:
         raise ConfigError(
             f"checkpoint interval must be >= 1, got {checkpoint_interval}"
@@ -147,7 +157,7 @@ def record_trace(
     num_epochs = num_epochs or default_num_epochs(dataset.num_train, batch_size)
     if num_epochs < 1:
         raise ConfigError(f"number of epochs must be >= 1, got {num_epochs}")
-    spec = ModelSpec(model_name, dataset.domain.input_shape, dataset.domain.num_classes)
+    spec = ModelSpec.for_domain(model_name, dataset.domain)
     torch.manual_seed(seed)
     model = build_model(spec).to(DTYPES[dtype])
     manifest = {
@@ -178,8 +188,11 @@ def resume_trace(
 ) -> Path:
     """Continue an interrupted recording from its last complete checkpoint.
 
+    The last listed checkpoint is loaded with every check a verifier applies;
+    leftovers of the interrupted run (temporary files of an unfinished write, a
+    checkpoint written after the last manifest update) are removed or overwritten.
     The continued run produces the same checkpoints, bit for bit, as an uninterrupted
-    one on the same machine.
+    one on the same machine with the same number of threads.
 
     Args:
         out: The trace directory of the interrupted run.
@@ -188,13 +201,33 @@ def resume_trace(
 
     Returns:
         The trace directory.
+
+    Raises:
+        ConfigError: If the recording is already complete.
+        TraceError: If the trace is malformed, was recorded on other data, or lacks
+            the fields a continuation needs.
     """
     trace = Trace(out)
     if trace.complete:
         raise ConfigError(f"{out}: the recording is already complete")
-    if trace.manifest["dataset"]["fingerprint"] != dataset.fingerprint:
-        raise TraceError(f"{out}: recorded on other data than the dataset given")
+    claimed = trace.manifest["dataset"]
+    if (claimed["name"], claimed["fingerprint"], claimed["num_train"]) != (
+        dataset.name,
+        dataset.fingerprint,
+        dataset.num_train,
+    ):
+        raise TraceError(
+            f"{trace.root / MANIFEST_NAME}: recorded on {claimed['name']} with "
+            f"fingerprint {claimed['fingerprint'][:16]}..., not on the "
+            f"{dataset.name} data given ({dataset.fingerprint[:16]}...)"
+        )
+    if "total_steps" not in trace.manifest:
+        raise TraceError(
+            f"{trace.root / MANIFEST_NAME}: no total_steps; cannot tell where the "
+            "recording was meant to end"
+        )
     last = trace.load_checkpoint(len(trace.checkpoints) - 1)
+    _remove_leftovers(trace.root)
     model = trace.build_model()
     trace.load_weights_into(model, last)
     torch_optimizer = build_optimizer(trace.optimizer, model)
@@ -205,10 +238,23 @@ def resume_trace(
         for entry in manifest.get("test_accuracy", [])
         if entry["step"] <= last.step
     ]
+    manifest["resumed"] = [
+        *manifest.get("resumed", []),
+        {"step": last.step, "environment": environment()},
+    ]
     writer = TraceWriter(trace.root, manifest, trace.checkpoints)
     logger.info("resuming %s from step %d", out, last.step)
     _train(writer, model, torch_optimizer, dataset, last.step, callback)
     return writer.finish()
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the temporary files of atomic writes an interrupted run left behind."""
+    for directory in (root, root / CHECKPOINT_DIR):
+        for path in directory.iterdir():
+            if is_temporary_file(path.name) and path.is_file():
+                logger.info("removing %s, left by an interrupted write", path)
+                path.unlink()
 
 
 def _train(
@@ -231,7 +277,7 @@ def _train(
         for step in range(start, total):
             # load the batch this step uses
             indices = batch_at(seed, step, dataset.num_train, batch_size)
-            inputs = dataset.x_train[indices].to(dtype)
+            inputs = as_model_input(dataset.x_train[indices], dtype)
             labels = dataset.y_train[indices]
 
             # one optimizer update

@@ -13,9 +13,11 @@ import sys
 import click
 
 from forgelab.cli import (  # noqa: F401 - registers the commands
+    bench,
     evaluate,
     forge,
     reproduce,
+    theory,
     train,
     verify,
 )
@@ -25,6 +27,11 @@ from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
 __all__ = ["cli", "main"]
 
 
+def _one_line(error: Exception) -> str:
+    """An error message on one line, whatever the file names in it contain."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command line and map errors to exit codes."""
     try:
@@ -32,16 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as done:
         code = done.exit_code
     except click.ClickException as error:
-        error.show()
+        # one line, like every other rejection; -h shows the usage
+        command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) else ""
+        print(
+            f"forgelab: error: {_one_line(error.format_message())} "
+            f"(see 'forgelab{command.replace(' forgelab', '')} -h')",
+            file=sys.stderr,
+        )
         code = EXIT_UNUSABLE
     except click.exceptions.Abort:
         error_console.print("forgelab: aborted")
         code = EXIT_UNUSABLE
     except ForgelabError as error:
-        print(f"forgelab: error: {error}", file=sys.stderr)
+        print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = error.exit_code
     except OSError as error:
-        print(f"forgelab: error: {error}", file=sys.stderr)
+        print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = EXIT_UNUSABLE
     return EXIT_ACCEPTED if code is None else int(code)
 

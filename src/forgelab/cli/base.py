@@ -85,6 +85,19 @@ def parse_tolerance(value: str) -> float | None:
     return tolerance
 
 
+class OutputPath(click.Path):
+    """A path option for output; an empty string (the current directory) is refused."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        """Refuse an empty or blank path, then convert as :class:`click.Path`."""
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_PATH = OutputPath(path_type=Path)
+
+
 def positive_int(
     _ctx: click.Context, param: click.Parameter, value: int | None
 ) -> int | None:

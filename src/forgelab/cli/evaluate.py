@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -107,7 +108,7 @@ def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluat
 @click.option("--seed", type=int, default=2024, show_default=True)
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=None,
     help="Where to write evaluate.json and one figure per attack "
     "(default: forgelab-out/evaluate-<trace name>).",
@@ -137,8 +138,10 @@ def evaluate(
     from forgelab.report import plot_detection, write_json
     from forgelab.trace import Trace
 
-    if not safety_factor > 0:
-        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    if not 0 < safety_factor < float("inf"):
+        raise click.BadParameter(
+            "must be a positive finite number", param_hint="--safety-factor"
+        )
     if benign_steps < 0:
         raise click.BadParameter("must be >= 0", param_hint="--benign-steps")
     trace = Trace(trace_dir)

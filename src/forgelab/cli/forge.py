@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -158,7 +159,7 @@ def forging_table(summaries, title: str) -> Table:  # noqa: ANN001 - summaries
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=None,
     help="Forged trace: its directory (required). Checkpoint experiment: where to "
     "write forge.json and forge.png (default: forgelab-out/forge-<trace name>).",

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -60,7 +61,7 @@ def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
 @data_dir_option
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=Path("forgelab-out/reproduce"),
     show_default=True,
     help="Output directory (its trace/ is replaced).",
@@ -90,6 +91,23 @@ def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
 @click.option("--seed", type=int, default=2024, show_default=True)
 @click.option("--safety-factor", type=float, default=10.0, show_default=True)
 @click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adam"]),
+    default=None,
+    help="Default: adam for the transformer, sgd otherwise.",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Learning rate (default: 0.001 with adam, 0.01 with sgd).",
+)
+@click.option("--momentum", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=100, show_default=True, callback=positive_int
+)
+@click.option(
     "--attack-table/--no-attack-table",
     default=True,
     show_default=True,
@@ -115,18 +133,42 @@ def reproduce(
     num_candidates: int,
     seed: int,
     safety_factor: float,
+    optimizer: str | None,
+    lr: float | None,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
     attack_table: bool,
     attack_runs: int,
 ) -> int:
     """Record, verify and forge a trace on real data; write a report and figures."""
     from forgelab.data import load_dataset
-    from forgelab.reproduce import ReproduceSettings, run_reproduce
+    from forgelab.optim import OptimizerConfig
+    from forgelab.reproduce import (
+        ReproduceSettings,
+        default_optimizer,
+        run_reproduce,
+    )
 
-    if not safety_factor > 0:
-        raise click.BadParameter("must be positive", param_hint="--safety-factor")
+    if not 0 < safety_factor < float("inf"):
+        raise click.BadParameter(
+            "must be a positive finite number", param_hint="--safety-factor"
+        )
+    name, lr = default_optimizer(model, optimizer, lr)
+    config = OptimizerConfig(
+        name=name,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
     data = load_dataset(dataset, data_dir)
     settings = ReproduceSettings(
         model=model,
+        optimizer=config.name,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=batch_size,
         num_epochs=epochs,
         seed=seed,
         every=every,

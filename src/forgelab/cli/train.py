@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -17,11 +18,13 @@ from forgelab.errors import EXIT_ACCEPTED
 
 
 @cli.command()
-@click.option("--dataset", default="mnist", show_default=True, help="Dataset name.")
-@click.option("--model", default="lenet", show_default=True, help="Model name.")
 @click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Trace dir."
+    "--dataset",
+    default=None,
+    help="Dataset name [default: mnist; with --resume, the trace's dataset].",
 )
+@click.option("--model", default="lenet", show_default=True, help="Model name.")
+@click.option("--out", type=OUTPUT_PATH, required=True, help="Trace dir.")
 @data_dir_option
 @click.option(
     "--epochs",
@@ -58,10 +61,14 @@ from forgelab.errors import EXIT_ACCEPTED
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True)
 @click.option(
-    "--resume", is_flag=True, help="Continue an interrupted recording in --out."
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted recording in --out with its own settings.",
 )
+@click.pass_context
 def train(
-    dataset: str,
+    ctx: click.Context,
+    dataset: str | None,
     model: str,
     out: Path,
     data_dir: Path | None,
@@ -83,7 +90,9 @@ def train(
     from forgelab.trace import Trace
     from forgelab.training import record_trace, resume_trace
 
-    data = load_dataset(dataset, data_dir)
+    if resume:
+        dataset = _resumed_dataset(ctx, out, dataset)
+    data = load_dataset(dataset or "mnist", data_dir)
     with progress_bars() as tasks:
         if resume:
             path = resume_trace(out, data, callback=tasks("training"))
@@ -112,3 +121,42 @@ def train(
         f"test accuracy {final}"
     )
     return EXIT_ACCEPTED
+
+
+def _resumed_dataset(ctx: click.Context, out: Path, dataset: str | None) -> str:
+    """The dataset of the trace being resumed; refuse settings a resume cannot change.
+
+    Raises:
+        click.UsageError: If a recording setting is given together with --resume, or
+            --dataset names other data than the trace's.
+    """
+    from forgelab.trace import Trace
+
+    fixed = [
+        name
+        for name in (
+            "model",
+            "epochs",
+            "lr",
+            "batch_size",
+            "seed",
+            "checkpoint_every",
+            "dtype",
+            "optimizer",
+            "momentum",
+            "weight_decay",
+            "deterministic",
+        )
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if fixed:
+        option = "--" + fixed[0].replace("_", "-")
+        raise click.UsageError(
+            f"{option} cannot be combined with --resume: the trace fixes it"
+        )
+    recorded = Trace(out).manifest["dataset"]["name"]
+    if dataset is not None and dataset != recorded:
+        raise click.UsageError(
+            f"--dataset {dataset} differs from the trace's dataset {recorded}"
+        )
+    return recorded

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from forgelab.cli.base import (
+    OUTPUT_PATH,
     cli,
     console,
     data_dir_option,
@@ -18,21 +19,26 @@ from forgelab.cli.base import (
 from forgelab.errors import EXIT_ACCEPTED, EXIT_REJECTED
 
 
-def _verify_table(report, show_all: bool) -> Table:  # noqa: ANN001 - VerifyReport
+def _verify_table(report, show_all: bool, stateful: bool) -> Table:  # noqa: ANN001
     tau = report.calibration.tolerance
     table = Table(title=f"replay verification (tau = {tau:.3e})")
-    for column in ("step", "L2", "Linf", "relative", "update norm", "verdict"):
+    columns = ["step", "L2", "Linf", "relative", "update norm", "verdict"]
+    if stateful:
+        columns.insert(4, "state L2")
+    for column in columns:
         table.add_column(column, justify="right")
     rows = report.segments
     if not show_all and len(rows) > 20:
         rows = [s for s in rows if not s.passed][:20]
         table.title += ": failing steps" + (" (first 20)" if len(rows) == 20 else "")
     for s in rows:
+        state = [f"{s.state_l2:.3e}"] if stateful else []
         table.add_row(
             str(s.end_step),
             f"{s.l2:.3e}",
             f"{s.linf:.3e}",
             f"{s.relative:.3e}",
+            *state,
             f"{s.update_norm:.3e}",
             "pass" if s.passed else "[red]FAIL[/red]",
         )
@@ -72,12 +78,19 @@ def _verify_table(report, show_all: bool) -> Table:  # noqa: ANN001 - VerifyRepo
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=OUTPUT_PATH,
     default=None,
     help="Where to write verify.json and verify.png "
     "(default: forgelab-out/verify-<trace name>).",
 )
 @click.option("--all-steps", is_flag=True, help="Print every step, not just failures.")
+@click.option(
+    "--allow-import",
+    metavar="PKG.MODULE:FACTORY",
+    default=None,
+    help="For a trace recorded from your own loop: the model entry point you trust. "
+    "It is imported (running its code) only if the trace names exactly this one.",
+)
 @click.option(
     "--removed",
     "removed_file",
@@ -95,6 +108,7 @@ def verify(
     seed: int,
     out: Path | None,
     all_steps: bool,
+    allow_import: str | None,
     removed_file: Path | None,
 ) -> int:
     """Replay every step of TRACE and accept or reject it (exit 0 or 1)."""
@@ -105,9 +119,11 @@ def verify(
     from forgelab.trace import Trace
 
     fixed = parse_tolerance(tolerance)
-    if not safety_factor > 0:
-        raise click.BadParameter("must be positive", param_hint="--safety-factor")
-    trace = Trace(trace_dir)
+    if not 0 < safety_factor < float("inf"):
+        raise click.BadParameter(
+            "must be a positive finite number", param_hint="--safety-factor"
+        )
+    trace = Trace(trace_dir, allow_import=allow_import)
     data = dataset_for_trace(
         trace, load_dataset(trace.manifest["dataset"]["name"], data_dir), removed_file
     )
@@ -125,7 +141,7 @@ def verify(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "verify.json", report.to_json())
     plot_verification(report, out / "verify.png", str(trace_dir))
-    table = _verify_table(report, all_steps)
+    table = _verify_table(report, all_steps, not trace.optimizer.is_stateless)
     if table.row_count:
         console.print(table)
     calibration = report.calibration
@@ -135,6 +151,12 @@ def verify(
             f"tolerance {calibration.tolerance:.3e} = {calibration.safety_factor:g} x "
             f"largest benign error ({sources})"
         )
+        for key, state_tau in calibration.state_tolerances.items():
+            worst = max(s.state_errors.get(key, 0.0) for s in report.segments)
+            console.print(
+                f"optimizer state {key}: tolerance {state_tau:.3e}, max error "
+                f"{worst:.3e}"
+            )
     errors = [s.l2 for s in report.segments]
     console.print(
         f"{len(errors)} steps replayed, {len(report.failed_steps)} failed, max "
@@ -147,7 +169,8 @@ def verify(
     if report.suspect_checkpoints:
         console.print(
             "checkpoints inconsistent with the steps on both sides (tampered "
-            "weights?): " + ", ".join(map(str, report.suspect_checkpoints))
+            "weights or optimizer state?): "
+            + ", ".join(map(str, report.suspect_checkpoints))
         )
     if report.accepted:
         console.print("[green]ACCEPTED[/green]")

@@ -1,0 +1,158 @@
+"""The benchmark's bookkeeping; no test here asserts how fast anything is."""
+
+import json
+
+import pytest
+
+from forgelab.bench import (
+    BenchSettings,
+    Timing,
+    measure_engine,
+    measure_nearest,
+    measure_reeval,
+    measure_verify,
+    summarise,
+    time_interleaved,
+)
+from forgelab.cli import main
+from forgelab.errors import ConfigError
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    timing = Timing(seconds={"slow": [2.0, 4.0, 9.0], "fast": [1.0, 1.0, 3.0]})
+    # rounds give 2, 4 and 3
+    assert timing.ratio("slow", "fast") == 3.0
+    assert timing.median("slow") == 4.0
+
+
+def test_sides_alternate_their_order_between_rounds():
+    calls = []
+    timing = time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        3,
+        warmup=False,
+    )
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [len(v) for v in timing.seconds.values()] == [3, 3]
+    assert all(s >= 0 for v in timing.seconds.values() for s in v)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"only": ("floor", "speed")}, "unknown measurement 'speed'"),
+        ({"repeats": 0}, "repeats must be >= 1"),
+        ({"batch_size": 4000}, "batch size must be <= 1000"),
+        ({"num_replaced": 101}, "f must be between"),
+        ({"large_pool": 10}, "large pool"),
+        ({"trace_steps": 1}, "trace steps"),
+    ],
+)
+def test_bad_settings_are_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        BenchSettings(**changes)
+
+
+def test_summary_compares_each_headline_with_its_target():
+    results = {
+        "engine": [
+            {
+                "model": "lenet",
+                "floor_ratio": 0.7,
+                "floor_ratio_new_matrix": 0.5,
+                "loop_ratio": 7.9,
+                "loop_over_batched": 9.0,
+                "vmap_over_engine": 3.0,
+            }
+        ],
+        "reeval": {
+            "ratio": 31.0,
+            "identical_selection": True,
+            "num_replaced": 1,
+            "num_candidates": 300,
+            "batch_size": 100,
+        },
+        "nearest": [
+            {"pool_size": 60000, "peak_rss_gb": 2.5, "seconds": 1.0, "pool": "random"}
+        ],
+        "verify": {"num_steps": 200, "ratio": 1.3, "ratio_without_calibration": 0.6},
+    }
+    rows = {row["label"]: row for row in summarise(results)}
+    met = {label: row["met"] for label, row in rows.items()}
+    assert met == {
+        "per-sample / batched throughput, lenet": True,
+        "per-sample engine vs loop, lenet": False,
+        "reeval fast vs published (f=1, M=300, b=100, lenet)": True,
+        "nearest over 60,000: peak RSS (GB)": False,
+        "verify / record, 200 steps": True,
+    }
+    assert rows["verify / record, 200 steps"]["target"] == "<= 1.3"
+
+
+def test_engine_measurement_checks_the_engine_against_the_loop():
+    entry = measure_engine(BenchSettings(batch_size=6, repeats=1), "logreg")
+    assert entry["engine"] == "layerwise"
+    assert entry["num_parameters"] == 784 * 10 + 10
+    assert entry["gradient_bytes_per_example"] == 4 * (784 * 10 + 10)
+    assert entry["max_abs_difference_vs_loop"] <= 1e-5 * entry["max_abs_gradient"]
+    assert entry["floor_ratio"] > 0 and entry["loop_ratio"] > 0
+
+
+def test_reeval_measurement_compares_identical_selections():
+    settings = BenchSettings(batch_size=10, num_candidates=6, repeats=2)
+    entry = measure_reeval(settings)
+    assert entry["identical_selection"] is True
+    assert entry["num_attacks_compared"] == 2
+    assert entry["max_relative_distance_difference"] < 1e-3
+
+
+def test_nearest_runs_in_a_child_and_finds_the_target_example():
+    entry = measure_nearest(BenchSettings(batch_size=10), "large", 40)
+    assert entry["pool_size"] == 40
+    assert entry["pool"] == "random MNIST-shaped pixels"
+    assert entry["found_itself"] is True
+    assert entry["self_distance"] < 1e-3 * entry["nearest_other_distance"]
+    assert 0 < entry["rss_before_search_gb"] <= entry["peak_rss_gb"] < 2
+    assert entry["peak_source"] == "VmHWM"
+    assert entry["peak_rss_during_search_gb"] <= entry["peak_rss_gb"]
+
+
+def test_verify_measurement_records_and_accepts_a_trace():
+    settings = BenchSettings(batch_size=50, trace_steps=3, repeats=1)
+    entry = measure_verify(settings, num_train=100)
+    assert entry["num_steps"] == 4  # whole epochs of 2 steps
+    assert entry["all_accepted"] is True
+    assert entry["seconds_verify"] > entry["seconds_calibration"] > 0
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--only",
+            "reeval",
+            "-M",
+            "5",
+            "--batch-size",
+            "10",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "reeval fast vs published (f=1, M=5, b=10, lenet)" in printed
+    results = json.loads((out / "bench.json").read_text())
+    assert [row["measurement"] for row in results["summary"]] == ["reeval"]
+    assert results["reeval"]["identical_selection"] is True
+    assert results["settings"]["only"] == ["reeval"]
+
+
+def test_cli_rejects_unknown_measurements_in_one_line(tmp_path, capsys):
+    code = main(["bench", "--only", "speed", "--out", str(tmp_path)])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "unknown measurement 'speed'" in error
