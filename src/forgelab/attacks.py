@@ -523,10 +523,7 @@ def reeval(
     if len(slots) == 1:
         distances = context.distances(unique, target)[inverse[:, 0]]
     else:
-        candidate_grads, _ = context.per_sample(unique)
-        distances = subset_distances(
-            candidate_grads, inverse, target, block_size=DISTANCE_CHUNK
-        )
+        distances = _subset_distances(context, draws, replaced_grads)
     best = int(torch.argmin(distances))
     forged = batch.copy()
     forged[slots] = draws[best]
@@ -553,22 +550,15 @@ def _subset_distances(
 
     With ``slices`` the distance is the sum of the L2 norms of each slice instead.
     """
-    target = replaced_grads.sum(0).to(torch.float64)
     unique, inverse = np.unique(draws, return_inverse=True)
     candidate_grads, _ = context.per_sample(unique)
-    inverse = torch.from_numpy(inverse.reshape(draws.shape))
-    distances = torch.empty(len(draws), dtype=torch.float64)
-    for start in range(0, len(draws), DISTANCE_CHUNK):
-        rows = inverse[start : start + DISTANCE_CHUNK]
-        difference = candidate_grads[rows].sum(1).to(torch.float64) - target
-        if slices is None:
-            values = torch.linalg.vector_norm(difference, dim=1)
-        else:
-            values = sum(
-                torch.linalg.vector_norm(difference[:, part], dim=1) for part in slices
-            )
-        distances[start : start + len(rows)] = values
-    return distances
+    return subset_distances(
+        candidate_grads,
+        torch.from_numpy(inverse.reshape(draws.shape)),
+        replaced_grads.sum(0),
+        block_size=DISTANCE_CHUNK,
+        slices=slices,
+    )
 
 
 def reeval_naive(
