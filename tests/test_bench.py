@@ -1,21 +1,25 @@
 """The benchmark's bookkeeping; no test here asserts how fast anything is."""
 
 import json
+import multiprocessing
+import sys
 
 import pytest
 
 from forgelab.bench import (
     BenchSettings,
     Timing,
+    _await_child,
     measure_engine,
     measure_nearest,
     measure_reeval,
     measure_verify,
+    run_benchmark,
     summarise,
     time_interleaved,
 )
 from forgelab.cli import main
-from forgelab.errors import ConfigError
+from forgelab.errors import ConfigError, DataError, ForgelabError
 
 
 def test_ratio_is_the_median_of_per_round_ratios():
@@ -44,13 +48,69 @@ def test_sides_alternate_their_order_between_rounds():
         ({"repeats": 0}, "repeats must be >= 1"),
         ({"batch_size": 4000}, "batch size must be <= 1000"),
         ({"num_replaced": 101}, "f must be between"),
-        ({"large_pool": 10}, "large pool"),
+        ({"large_pool": 1}, "large pool must hold >= 2"),
         ({"trace_steps": 1}, "trace steps"),
+        ({"seed": -1}, "seed must be in"),
+        ({"seed": 2**64}, "seed must be in"),
+        ({"only": ()}, "no measurement chosen"),
+        ({"models": (), "only": ("loop",)}, "no model chosen"),
     ],
 )
 def test_bad_settings_are_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         BenchSettings(**changes)
+
+
+def test_settings_of_measurements_not_run_are_not_checked():
+    settings = BenchSettings(only=("reeval",), trace_steps=1, large_pool=1, models=())
+    assert settings.trace_steps == 1
+
+
+def test_models_are_checked_before_anything_is_measured():
+    with pytest.raises(ConfigError, match="'fcn1' cannot be benchmarked on MNIST"):
+        run_benchmark(BenchSettings(models=("logreg", "fcn1"), only=("floor",)))
+
+
+def test_a_failing_child_is_one_error_not_a_hang(tmp_path):
+    # an empty directory holds no MNIST files: the child fails, the parent says why
+    settings = BenchSettings(data_dir=tmp_path, only=("nearest",))
+    with pytest.raises(DataError, match="nearest search over 10 examples failed"):
+        measure_nearest(settings, "large", 10)
+    # a child that dies without reporting is noticed within a poll
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=sys.exit, args=(3,))
+    child.start()
+    with pytest.raises(ForgelabError, match="exit code 3"):
+        _await_child(child, context.Queue())
+    child.join()
+
+
+def test_summary_has_rows_only_for_what_ran_and_targets_only_at_defaults():
+    results = {
+        "engine": [
+            {
+                "model": "mlp",
+                "floor_ratio": 0.7,
+                "floor_ratio_new_matrix": 0.5,
+                "loop_ratio": 9.0,
+                "loop_over_batched": 9.0,
+                "vmap_over_engine": 3.0,
+            }
+        ],
+        "reeval": {
+            "ratio": 4.0,
+            "identical_selection": True,
+            "num_replaced": 1,
+            "num_candidates": 1,
+            "batch_size": 100,
+        },
+    }
+    rows = summarise(results, BenchSettings(only=("floor", "reeval"), num_candidates=1))
+    assert [(row["measurement"], row["met"]) for row in rows] == [
+        ("floor", True),
+        ("reeval", None),
+    ]
+    assert rows[1]["target"] == "(>= 30 at defaults)"
 
 
 def test_summary_compares_each_headline_with_its_target():
@@ -149,6 +209,18 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert [row["measurement"] for row in results["summary"]] == ["reeval"]
     assert results["reeval"]["identical_selection"] is True
     assert results["settings"]["only"] == ["reeval"]
+
+
+def test_cli_refuses_a_bad_out_before_measuring(tmp_path, capsys):
+    existing = tmp_path / "file"
+    existing.write_text("keep me")
+    code = main(["bench", "--only", "nearest", "--out", str(existing)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "measuring" not in captured.out
+    assert captured.err.count("\n") == 1
+    assert "cannot create output directory" in captured.err
+    assert existing.read_text() == "keep me"
 
 
 def test_cli_rejects_unknown_measurements_in_one_line(tmp_path, capsys):

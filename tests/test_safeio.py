@@ -16,7 +16,7 @@ from forgelab.safeio import (
     read_regular_file,
     read_safetensors_header,
 )
-from forgelab.trace import Trace, encode_checkpoint
+from forgelab.trace import Trace, encode_checkpoint, write_atomic
 from forgelab.training import record_trace
 from helpers import rewrite_checkpoint
 
@@ -139,3 +139,16 @@ def test_header_length_starting_with_the_pickle_marker_is_still_safetensors():
     pickled = pickle.dumps({"a": 1}, protocol=2)
     with pytest.raises(TraceError, match="is a Python pickle"):
         read_safetensors_header(Path("x"), pickled)
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_new_file(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "report.json", b"{}")
+        ordinary = tmp_path / "ordinary"
+        ordinary.write_bytes(b"{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert ordinary.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "report.json").read_bytes() == b"{}"

@@ -20,24 +20,26 @@ sides alike. Timings are wall-clock. The five measurements:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import platform
+import queue
 import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forgelab.errors import ConfigError
+from forgelab.errors import ConfigError, DataError, ForgelabError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ REEVAL_ROUNDS = 3
 
 VERIFY_ROUNDS = 2
 """At most this many rounds of recording and verifying a trace."""
+
+NEAREST_K = 2
+"""The nearest search reports this many rows: the example itself and the next."""
+
+CHILD_POLL_SECONDS = 1.0
+"""How often the parent checks that the nearest-search child is still alive."""
 
 Progress = Callable[[str], None]
 
@@ -110,6 +118,14 @@ class BenchSettings:
                 f"unknown measurement {unknown[0]!r}; choose from "
                 f"{', '.join(MEASUREMENTS)}"
             )
+        if not self.only:
+            raise ConfigError(
+                f"no measurement chosen; choose from {', '.join(MEASUREMENTS)}"
+            )
+        if {"floor", "loop"} & set(self.only) and not self.models:
+            raise ConfigError("no model chosen for the per-sample engine ratios")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("batch_size", "repeats", "threads", "num_candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -122,10 +138,54 @@ class BenchSettings:
             raise ConfigError(
                 f"f must be between 1 and the batch size, got {self.num_replaced}"
             )
-        if self.large_pool < self.batch_size:
-            raise ConfigError(f"large pool must hold >= {self.batch_size} examples")
-        if self.trace_steps < 2:
+        if "nearest" in self.only and self.large_pool < NEAREST_K:
+            raise ConfigError(
+                f"large pool must hold >= {NEAREST_K} examples (the search reports "
+                f"the {NEAREST_K} nearest), got {self.large_pool}"
+            )
+        if "verify" in self.only and self.trace_steps < 2:
             raise ConfigError(f"trace steps must be >= 2, got {self.trace_steps}")
+
+    def at_defaults(self, measurement: str) -> bool:
+        """Whether a measurement runs with the settings its target was set for."""
+        if measurement == "nearest_rss_gb":
+            # a memory bound, whatever the pool (at most 60,000) and threads
+            return True
+        defaults = BenchSettings()
+        fields = {
+            "floor": ("batch_size", "threads"),
+            "loop": ("batch_size", "threads"),
+            "reeval": ("batch_size", "num_candidates", "num_replaced", "threads"),
+            "verify": ("batch_size", "trace_steps", "threads"),
+        }[measurement]
+        return all(getattr(self, name) == getattr(defaults, name) for name in fields)
+
+
+def check_inputs(settings: BenchSettings) -> None:
+    """Check models and data files before any measurement runs.
+
+    Raises:
+        ConfigError: A model cannot take MNIST digits, or the large pool is larger
+            than the MNIST files in ``data_dir``.
+        DataError: ``data_dir`` does not hold readable MNIST files.
+    """
+    from forgelab.data import load_dataset
+
+    if {"floor", "loop"} & set(settings.only):
+        for name in settings.models:
+            try:
+                _model(name, settings.seed)
+            except ConfigError as error:
+                raise ConfigError(
+                    f"model {name!r} cannot be benchmarked on MNIST digits: {error}"
+                ) from None
+    if settings.data_dir is not None:
+        data = load_dataset("mnist", settings.data_dir)
+        if "nearest" in settings.only and settings.large_pool > data.num_train:
+            raise ConfigError(
+                f"large pool of {settings.large_pool} examples, but the MNIST files "
+                f"in {settings.data_dir} hold {data.num_train} training examples"
+            )
 
 
 @dataclass
@@ -266,6 +326,24 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a while.
+
+    torch's profiler (Kineto) prints start and stop lines from C++ straight to the
+    stderr descriptor, which no Python logging setting reaches.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_operators(
     function: Callable[[], object], repeats: int, top: int = 6
 ) -> list[dict]:
@@ -282,7 +360,10 @@ def profile_operators(
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU]) as (profiler),
+    ):
         for _ in range(repeats):
             function()
     events = profiler.key_averages()
@@ -369,7 +450,23 @@ def _nearest_child(
     settings: BenchSettings,
     results: multiprocessing.Queue,
 ) -> None:
-    """Run one nearest-gradient search in a fresh process and report its costs."""
+    """Run one nearest-gradient search in a fresh process and report its costs.
+
+    Whatever goes wrong is reported through ``results`` as ``{"error": message,
+    "kind": class name}``, so that the parent can fail with one line.
+    """
+    try:
+        results.put(_nearest_search(pool, size, settings))
+    except KeyboardInterrupt:
+        # the parent, in the same process group, reports the interruption
+        return
+    except ForgelabError as error:
+        results.put({"error": str(error), "kind": type(error).__name__})
+    except Exception as error:  # noqa: BLE001 - reported to the parent as one line
+        results.put({"error": f"{type(error).__name__}: {error}", "kind": "Exception"})
+
+
+def _nearest_search(pool: str, size: int, settings: BenchSettings) -> dict:
     from forgelab.data import load_dataset
     from forgelab.gradients import nearest_rows, per_sample_gradients
 
@@ -398,27 +495,23 @@ def _nearest_child(
     before = memory_status()
     reset = reset_peak_memory()
     start = time.perf_counter()
-    indices, distances = nearest_rows(target, model, loss, inputs, labels, k=5)
+    indices, distances = nearest_rows(target, model, loss, inputs, labels, k=NEAREST_K)
     seconds = time.perf_counter() - start
     after = memory_status()
-    results.put(
-        {
-            "pool": source,
-            "pool_size": int(inputs.shape[0]),
-            "seconds": seconds,
-            "ms_per_example": seconds / inputs.shape[0] * 1e3,
-            "peak_rss_gb": max(after["peak"], before["peak"]) / 1e9,
-            "rss_before_search_gb": before["current"] / 1e9,
-            "peak_rss_during_search_gb": after["peak"] / 1e9 if reset else None,
-            "peak_source": after["source"],
-            "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            * 1024
-            / 1e9,
-            "found_itself": int(indices[0]) == 0,
-            "self_distance": float(distances[0]),
-            "nearest_other_distance": float(distances[1]),
-        }
-    )
+    return {
+        "pool": source,
+        "pool_size": int(inputs.shape[0]),
+        "seconds": seconds,
+        "ms_per_example": seconds / inputs.shape[0] * 1e3,
+        "peak_rss_gb": max(after["peak"], before["peak"]) / 1e9,
+        "rss_before_search_gb": before["current"] / 1e9,
+        "peak_rss_during_search_gb": after["peak"] / 1e9 if reset else None,
+        "peak_source": after["source"],
+        "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "found_itself": int(indices[0]) == 0,
+        "self_distance": float(distances[0]),
+        "nearest_other_distance": float(distances[1]),
+    }
 
 
 def memory_status() -> dict:
@@ -473,12 +566,36 @@ def measure_nearest(settings: BenchSettings, pool: str, size: int) -> dict:
     )
     child.start()
     try:
-        outcome = results.get(timeout=3600)
+        outcome = _await_child(child, results)
     finally:
         child.join(timeout=60)
-    if child.exitcode not in (0, None):
-        raise RuntimeError(f"nearest benchmark child exited with {child.exitcode}")
+        if child.is_alive():
+            child.terminate()
+    if "error" in outcome:
+        kind = {"DataError": DataError, "ConfigError": ConfigError}.get(
+            outcome["kind"], ForgelabError
+        )
+        raise kind(f"nearest search over {size} examples failed: {outcome['error']}")
     return outcome
+
+
+def _await_child(
+    child: multiprocessing.Process, results: multiprocessing.Queue
+) -> dict:
+    """The child's report, or an error as soon as the child is gone without one."""
+    while True:
+        try:
+            return results.get(timeout=CHILD_POLL_SECONDS)
+        except queue.Empty:
+            if not child.is_alive():
+                # a last look: the report may have arrived as the child ended
+                try:
+                    return results.get(timeout=CHILD_POLL_SECONDS)
+                except queue.Empty:
+                    raise ForgelabError(
+                        "nearest search process ended without a result "
+                        f"(exit code {child.exitcode}); out of memory?"
+                    ) from None
 
 
 def measure_verify(settings: BenchSettings, *, num_train: int | None = None) -> dict:
@@ -582,6 +699,7 @@ def run_benchmark(settings: BenchSettings, progress: Progress | None = None) -> 
         A JSON-ready dictionary: settings, environment, one entry per measurement
         and a ``summary`` of headline ratios against :data:`TARGETS`.
     """
+    check_inputs(settings)
     previous = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
@@ -620,7 +738,7 @@ def run_benchmark(settings: BenchSettings, progress: Progress | None = None) -> 
         torch.set_num_threads(previous)
     results["environment"]["load_average_after"] = list(os.getloadavg())
     results["seconds"] = time.perf_counter() - started
-    results["summary"] = summarise(results)
+    results["summary"] = summarise(results, settings)
     return results
 
 
@@ -629,19 +747,30 @@ def _meets(name: str, value: float) -> bool:
     return value >= bound if comparison == ">=" else value <= bound
 
 
-def summarise(results: dict) -> list[dict]:
-    """Headline figures, one per row, each with its target and whether it holds."""
+def summarise(results: dict, settings: BenchSettings | None = None) -> list[dict]:
+    """Headline figures, one per row, each with its target and whether it holds.
+
+    Only the measurements in ``settings.only`` get rows. A target holds for the
+    default settings (batch of 100, M = 300, f = 1, a 60,000-example pool, 400
+    steps, one thread); with other settings a row's ``met`` is None.
+    """
+    settings = settings or BenchSettings()
     rows = []
 
     def add(name: str, label: str, value: float, note: str = "") -> None:
+        if name.split("_")[0] not in settings.only:
+            return
         comparison, bound = TARGETS[name]
+        applies = settings.at_defaults(name)
         rows.append(
             {
                 "measurement": name,
                 "label": label,
                 "value": value,
-                "target": f"{comparison} {bound:g}",
-                "met": _meets(name, value),
+                "target": f"{comparison} {bound:g}"
+                if applies
+                else f"({comparison} {bound:g} at defaults)",
+                "met": _meets(name, value) if applies else None,
                 "note": note,
             }
         )

@@ -266,6 +266,13 @@ def is_temporary_file(name: str) -> bool:
     return _TEMPORARY_FILE.match(name) is not None
 
 
+def _umask() -> int:
+    """The process's file mode creation mask (read without changing it for long)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, payload: bytes, *, sync: bool = False) -> None:
     """Write a file so that readers see either the old or the new content, never half.
 
@@ -277,6 +284,9 @@ def write_atomic(path: Path, payload: bytes, *, sync: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp creates the file readable by its owner only; give it the mode an
+        # ordinary new file would get, so that a trace or report can be shared
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             if sync:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from forgelab.errors import ConfigError
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 error_console = Console(stderr=True)
@@ -96,6 +99,29 @@ class OutputPath(click.Path):
 
 
 OUTPUT_PATH = OutputPath(path_type=Path)
+
+
+def prepare_output(directory: Path, name: str) -> Path:
+    """Create an output directory before a long run and return ``directory / name``.
+
+    Checking first means a bad ``--out`` fails in a second, not after the work.
+
+    Raises:
+        ConfigError: The directory cannot be created or written, or ``name`` in it
+            is a directory.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create output directory {directory}: {error.strerror}"
+        ) from None
+    destination = directory / name
+    if destination.is_dir():
+        raise ConfigError(f"{destination} is a directory; choose another --out")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {directory} is not writable")
+    return destination
 
 
 def positive_int(

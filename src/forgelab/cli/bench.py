@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from forgelab.cli.base import OUTPUT_PATH, cli, console, data_dir_option, positive_int
+from forgelab.cli.base import (
+    OUTPUT_PATH,
+    cli,
+    console,
+    data_dir_option,
+    positive_int,
+    prepare_output,
+)
 from forgelab.errors import EXIT_ACCEPTED
 
 
@@ -20,7 +27,7 @@ def _summary_table(results: dict) -> Table:
             row["label"],
             f"{row['value']:.2f}",
             row["target"],
-            "yes" if row["met"] else "[red]no[/red]",
+            {True: "yes", False: "[red]no[/red]", None: "-"}[row["met"]],
             row["note"],
         )
     return table
@@ -129,7 +136,7 @@ def bench(
     from forgelab.models import MODELS
     from forgelab.report import write_json
 
-    chosen = tuple(m.strip() for m in models.split(",") if m.strip())
+    chosen = tuple(dict.fromkeys(m.strip() for m in models.split(",") if m.strip()))
     for model in chosen:
         if model not in MODELS:
             raise click.BadParameter(
@@ -147,15 +154,15 @@ def bench(
         trace_steps=trace_steps,
         seed=seed,
         data_dir=data_dir,
-        only=tuple(m.strip() for m in only.split(",") if m.strip()),
+        only=tuple(dict.fromkeys(m.strip() for m in only.split(",") if m.strip())),
         profile=profile,
     )
+    destination = prepare_output(out, "bench.json")
     results = run_benchmark(
         settings, progress=lambda name: console.print(f"measuring {name} ...")
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench.json", results)
     console.print(_summary_table(results))
+    write_json(destination, results)
     for entry in results.get("engine", []):
         if entry.get("engine_profile"):
             shares = ", ".join(
