@@ -180,6 +180,24 @@ def test_keep_checkpoints_trace_is_rejected_at_exactly_the_forged_steps(
             assert segment["l2"] == 0.0
 
 
+def test_removing_enough_examples_to_shorten_an_epoch_still_verifies(
+    logreg_trace_master, digits, tmp_path
+):
+    # 1,437 digits give 28 batches of 50; without 40 of them D' would give 27, but
+    # the forged trace keeps the base dataset's schedule of 28 steps
+    trace = Trace(logreg_trace_master)
+    removed = draw_removed(digits.num_train, 40, seed=3)
+    assert (digits.num_train - 40) // 50 < trace.num_steps
+    result = forge_trace(trace, digits, removed, tmp_path / "forged", attack="nearest")
+    forged = Trace(tmp_path / "forged")
+    assert forged.num_steps == 28 and forged.num_train == digits.num_train - 40
+    claimed = dataset_for_trace(forged, digits, tmp_path / "forged" / "removed.txt")
+    report = verify_trace(forged, claimed)
+    assert not report.accepted
+    assert report.failed_steps == result.forged_steps
+    assert len(result.forged_steps) > 10
+
+
 def test_verify_needs_the_claimed_removed_set(
     logreg_trace_master, digits, tmp_path, capsys
 ):

@@ -427,6 +427,28 @@ class _Expected:
     shape: tuple[int, ...]
 
 
+def _scheduled_num_train(claim: object, num_train: int) -> int:
+    """Training-set size behind a trace's batch schedule.
+
+    ``num_train`` itself, unless the trace carries a removal claim naming a larger
+    base dataset of which its claimed dataset is what remains; the claim's own
+    checks are in :func:`forgelab.forgery.removal_claim`.
+    """
+    if not isinstance(claim, dict) or claim.get("kind") != "removal":
+        return num_train
+    base = claim.get("base_dataset")
+    removed = claim.get("num_removed")
+    if (
+        isinstance(base, dict)
+        and isinstance(base.get("num_train"), int)
+        and isinstance(removed, int)
+        and removed >= 1
+        and base["num_train"] - removed == num_train
+    ):
+        return base["num_train"]
+    return num_train
+
+
 class Trace:
     """A validated, read-only view of a trace directory.
 
@@ -562,7 +584,10 @@ class Trace:
             )
         total = manifest.get("total_steps")
         if "num_epochs" in manifest and total is not None:
-            expected = manifest["num_epochs"] * (num_train // batch_size)
+            # a trace that claims a smaller dataset than it was scheduled on (a
+            # forged removal claim) keeps the schedule of the base dataset
+            scheduled = _scheduled_num_train(manifest.get("claim"), num_train)
+            expected = manifest["num_epochs"] * (scheduled // batch_size)
             if total != expected:
                 raise TraceError(
                     f"{path}: total_steps {total} is not num_epochs x "
