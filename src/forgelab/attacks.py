@@ -59,6 +59,10 @@ logger = logging.getLogger(__name__)
 MAX_CANDIDATES = 10**7
 """Most candidate subsets an attack draws (their indices alone take 80 MB per slot)."""
 
+MAX_CANDIDATE_INDICES = 2 * 10**7
+"""Most example indices an attack draws at once (M candidates times the examples in
+each): 160 MB of int64. Whole-batch attacks with b = 100 may take M up to 200,000."""
+
 DISTANCE_CHUNK = 64
 """Candidate rows whose summed gradients are held at once when ranking candidates.
 
@@ -234,15 +238,25 @@ def _check_count(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
-def draw_subsets(
-    pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Draw ``num_candidates`` subsets of ``size`` examples, with replacement."""
+def check_candidates(num_candidates: int, size: int) -> None:
+    """Bound M and the candidate indices drawn at once (M x examples per candidate)."""
     if not 1 <= num_candidates <= MAX_CANDIDATES:
         raise ConfigError(
             f"number of candidates must be in [1, {MAX_CANDIDATES}], "
             f"got {num_candidates}"
         )
+    if num_candidates * size > MAX_CANDIDATE_INDICES:
+        raise ConfigError(
+            f"{num_candidates} candidates of {size} examples each exceed "
+            f"{MAX_CANDIDATE_INDICES:,} drawn indices; lower -M"
+        )
+
+
+def draw_subsets(
+    pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw ``num_candidates`` subsets of ``size`` examples, with replacement."""
+    check_candidates(num_candidates, size)
     return pool[rng.integers(len(pool), size=(num_candidates, size))]
 
 
@@ -250,7 +264,7 @@ def draw_sets(
     pool: np.ndarray, num_candidates: int, size: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Draw ``num_candidates`` sets of ``size`` distinct examples each."""
-    _check_count("number of candidates", num_candidates)
+    check_candidates(num_candidates, size)
     if size > len(pool):
         raise ConfigError(f"cannot draw {size} distinct examples from {len(pool)}")
     return np.stack(
@@ -279,7 +293,7 @@ def shuffled_batches(
     Each pass over the pool is a fresh permutation cut into batches (the incomplete
     last batch dropped); passes follow each other until enough batches are drawn.
     """
-    _check_count("number of candidates", num_batches)
+    check_candidates(num_batches, size)
     per_pass = len(pool) // size
     if per_pass == 0:
         raise ConfigError(
@@ -418,7 +432,7 @@ def thudi_batch(
     """
     slots = np.asarray(slots)
     _check_slots(batch, slots, pool)
-    _check_count("number of candidates", num_candidates)
+    check_candidates(num_candidates, len(batch))
     partition = fixed_batches(pool, len(batch))
     draws = partition[rng.integers(len(partition), size=num_candidates)]
     return _rank_batches(context, batch, draws, "weight L2")
@@ -637,8 +651,11 @@ def kong(
     """
     slots = np.asarray(slots)
     _check_slots(batch, slots, pool)
-    _check_count("number of candidates", num_candidates)
-    _check_count("pool size", pool_size)
+    check_candidates(num_candidates, len(batch))
+    if not 1 <= pool_size <= MAX_CANDIDATES:
+        raise ConfigError(
+            f"pool size must be in [1, {MAX_CANDIDATES}], got {pool_size}"
+        )
     if distance not in KONG_DISTANCES:
         raise ConfigError(
             f"unknown kong distance {distance!r}; choose one of "
@@ -1080,6 +1097,13 @@ def attack_options(name: str, **options: object) -> dict[str, object]:
             raise ConfigError(
                 f"attack {name!r} does not take {OPTION_FLAGS.get(key, key)} "
                 f"(its options: {accepted})"
+            )
+        if key in ("num_candidates", "pool_size") and not (
+            isinstance(value, int) and 1 <= value <= MAX_CANDIDATES
+        ):
+            raise ConfigError(
+                f"{OPTION_FLAGS.get(key, key)} must be in [1, {MAX_CANDIDATES}], "
+                f"got {value}"
             )
         resolved[key] = value
     return resolved

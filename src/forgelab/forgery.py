@@ -37,6 +37,8 @@ import hashlib
 import logging
 import math
 import re
+import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from forgelab.attacks import (
     AttackContext,
     attack_options,
     check_attack,
+    check_candidates,
     forge_batch,
     require_sgd,
 )
@@ -58,7 +61,14 @@ from forgelab.models import accuracy, as_model_input, compute_loss
 from forgelab.optim import build_optimizer, import_state
 from forgelab.replay import check_dataset
 from forgelab.report import write_json
-from forgelab.trace import MANIFEST_NAME, Checkpoint, Trace, TraceWriter, write_atomic
+from forgelab.trace import (
+    MANIFEST_NAME,
+    Checkpoint,
+    Trace,
+    TraceWriter,
+    check_output_outside,
+    write_atomic,
+)
 from forgelab.training import determinism, environment
 
 logger = logging.getLogger(__name__)
@@ -93,9 +103,14 @@ def read_removed(path: Path, num_train: int) -> np.ndarray:
     """
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_REMOVED_FILE_BYTES:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{path}: the removed set must be a regular file")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_REMOVED_FILE_BYTES + 1)
+        if len(raw) > MAX_REMOVED_FILE_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_REMOVED_FILE_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
+        # a byte order mark, as some editors write, is not part of the first index
+        text = raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read the removed set ({error})") from None
     values = []
@@ -103,16 +118,29 @@ def read_removed(path: Path, num_train: int) -> np.ndarray:
         for token in line.split("#", 1)[0].replace(",", " ").split():
             if not re.fullmatch(r"[0-9]+", token):
                 raise ConfigError(f"{path}:{number}: {token!r} is not an example index")
-            value = int(token)
-            if value >= num_train:
+            # compare digit counts first: int() refuses numbers of over 4,300 digits
+            if len(token.lstrip("0")) > len(str(num_train)) or int(token) >= num_train:
+                shown = (
+                    token
+                    if len(token) <= 20
+                    else f"{token[:12]}... ({len(token)} digits)"
+                )
                 raise ConfigError(
-                    f"{path}:{number}: index {value} is outside the training set "
+                    f"{path}:{number}: index {shown} is outside the training set "
                     f"[0, {num_train})"
                 )
-            values.append(value)
+            values.append(int(token))
     if not values:
         raise ConfigError(f"{path}: no example index in the removed set")
-    return np.unique(np.array(values, dtype=np.int64))
+    distinct = np.unique(np.array(values, dtype=np.int64))
+    if len(distinct) < len(values):
+        logger.warning(
+            "%s: %d indices repeat; the removed set holds %d distinct examples",
+            path,
+            len(values) - len(distinct),
+            len(distinct),
+        )
+    return distinct
 
 
 def write_removed(path: Path, removed: np.ndarray, dataset: Dataset) -> None:
@@ -201,6 +229,24 @@ def removal_claim(trace: Trace) -> dict | None:
     if not valid:
         raise TraceError(f"{trace.root}: malformed removal claim in the manifest")
     return claim
+
+
+def refuse_forged_input(trace: Trace) -> None:
+    """Refuse a trace with a removal claim where an original trace is expected.
+
+    Attacking a forged trace would need its claimed dataset rebuilt from the
+    removed set, which forging and evaluation do not take.
+
+    Raises:
+        ConfigError: If the trace makes a removal claim.
+    """
+    claim = removal_claim(trace)
+    if claim is not None:
+        raise ConfigError(
+            f"{trace.root} is a forged trace (it claims "
+            f"{claim['base_dataset']['name']} without {claim['num_removed']} "
+            "examples); forge and evaluate take the original trace"
+        )
 
 
 def dataset_for_trace(
@@ -418,10 +464,63 @@ def forge_trace(
     out = Path(out)
     if (out / MANIFEST_NAME).exists():
         raise ConfigError(f"{out} already holds a trace; choose another --out")
-    if out.resolve() == trace.root.resolve():
-        raise ConfigError("--out must differ from the original trace")
+    check_output_outside(out, trace.root)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"{out} exists and is not an empty directory; the forged trace needs a "
+            "new one"
+        )
     removed = np.unique(np.asarray(removed, dtype=np.int64))
     claimed, kept = without(dataset, removed)
+    if attack in WHOLE_BATCH_ATTACKS:
+        # the pool of a step is D' minus its batch; it must hold a whole batch
+        if claimed.num_train - trace.batch_size < trace.batch_size:
+            raise ConfigError(
+                f"{attack} replaces whole batches, but D' minus one batch holds "
+                f"{claimed.num_train - trace.batch_size} examples, fewer than one "
+                f"batch of {trace.batch_size}"
+            )
+        if "num_candidates" in resolved:
+            check_candidates(int(resolved["num_candidates"]), trace.batch_size)
+    created = not out.exists()
+    try:
+        return _write_forged_trace(
+            trace,
+            dataset,
+            removed,
+            claimed,
+            kept,
+            out,
+            attack=attack,
+            resolved=resolved,
+            mode=mode,
+            seed=seed,
+            callback=callback,
+        )
+    except BaseException:
+        # what was written is an unfinished forged trace, in a directory that was
+        # new or empty: remove it so that the same --out can be used again
+        shutil.rmtree(out, ignore_errors=True)
+        if not created:
+            out.mkdir(parents=True, exist_ok=True)
+        raise
+
+
+def _write_forged_trace(
+    trace: Trace,
+    dataset: Dataset,
+    removed: np.ndarray,
+    claimed: Dataset,
+    kept: np.ndarray,
+    out: Path,
+    *,
+    attack: str,
+    resolved: dict[str, object],
+    mode: str,
+    seed: int,
+    callback: Callable[[int, int], None] | None,
+) -> ForgeResult:
+    """Write the forged trace for :func:`forge_trace`, whose checks have passed."""
     index_in_claimed = np.full(dataset.num_train, -1, dtype=np.int64)
     index_in_claimed[kept] = np.arange(len(kept))
     names = [name for name, _ in trace.build_model().named_parameters()]

@@ -46,7 +46,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from forgelab.data import DATASETS
-from forgelab.errors import ForgelabError, TraceError
+from forgelab.errors import ConfigError, ForgelabError, TraceError
 from forgelab.models import (
     ENTRY_POINT_MODEL,
     ENTRY_POINT_PATTERN,
@@ -425,6 +425,22 @@ class _Expected:
 
     dtypes: tuple[str, ...]
     shape: tuple[int, ...]
+
+
+def check_output_outside(out: Path, root: Path) -> None:
+    """Refuse an output directory that is a trace directory or lies inside one.
+
+    Anything written there would make the trace unreadable (its reader refuses
+    unknown files) or replace its files.
+
+    Raises:
+        ConfigError: If ``out`` is ``root`` or below it.
+    """
+    out, root = Path(out).resolve(), Path(root).resolve()
+    if out == root or root in out.parents:
+        raise ConfigError(
+            f"--out {out} is inside the trace {root}; choose a directory outside it"
+        )
 
 
 def _scheduled_num_train(claim: object, num_train: int) -> int:

@@ -133,6 +133,9 @@ def positive_int(
     return value
 
 
+SEED = click.IntRange(0, 2**63 - 1)
+"""Seeds: what numpy and torch generators both accept."""
+
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(path_type=Path),

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
@@ -94,7 +95,7 @@ def _summary_table(results: dict) -> Table:
     callback=positive_int,
     help="Steps of the trace recorded and verified (rounded up to whole epochs).",
 )
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 @click.option(
     "--only",
     default=",".join(("floor", "loop", "reeval", "nearest", "verify")),

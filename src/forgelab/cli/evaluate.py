@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
     positive_int,
+    prepare_output,
     progress_bars,
 )
 from forgelab.errors import EXIT_ACCEPTED
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _auc(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
 
 
 def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluation
@@ -49,8 +61,8 @@ def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluat
             f"{row['forging_error_max']:.3e}",
             f"{row['margin']:.3g}",
             detected,
-            f"{row['auc']:.3f}",
-            f"{row['benign_auc']:.3f}",
+            _auc(row["auc"]),
+            _auc(row["benign_auc"]),
             f"{row['seconds']:.0f}",
         )
     return table
@@ -78,7 +90,7 @@ def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluat
     default=1,
     show_default=True,
     callback=positive_int,
-    help="The removal claim: this many random examples (ignored with --remove).",
+    help="The removal claim: this many random examples.",
 )
 @click.option(
     "-M",
@@ -105,7 +117,7 @@ def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluat
     help="Honest steps replayed with a permuted batch for the second ROC.",
 )
 @click.option("--safety-factor", type=float, default=10.0, show_default=True)
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 @click.option(
     "--out",
     type=OUTPUT_PATH,
@@ -134,9 +146,9 @@ def evaluate(
     """
     from forgelab.data import load_dataset
     from forgelab.evaluation import evaluate_attacks, roc_curve
-    from forgelab.forgery import draw_removed, read_removed
+    from forgelab.forgery import draw_removed, read_removed, refuse_forged_input
     from forgelab.report import plot_detection, write_json
-    from forgelab.trace import Trace
+    from forgelab.trace import Trace, check_output_outside
 
     if not 0 < safety_factor < float("inf"):
         raise click.BadParameter(
@@ -144,7 +156,18 @@ def evaluate(
         )
     if benign_steps < 0:
         raise click.BadParameter("must be >= 0", param_hint="--benign-steps")
+    context = click.get_current_context()
+    if (
+        remove_file is not None
+        and context.get_parameter_source("remove_count") is ParameterSource.COMMANDLINE
+    ):
+        raise click.UsageError("give either --remove or --remove-count, not both")
+    attacks = tuple(dict.fromkeys(attacks))
     trace = Trace(trace_dir)
+    refuse_forged_input(trace)
+    out = out or Path("forgelab-out") / f"evaluate-{trace_dir.resolve().name}"
+    check_output_outside(out, trace_dir)
+    prepare_output(out, "evaluate.json")
     data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
     if remove_file is not None:
         removed = read_removed(remove_file, data.num_train)
@@ -163,8 +186,6 @@ def evaluate(
             seed=seed,
             callback=lambda stage, done, total: tasks(stage)(done, total),
         )
-    out = out or Path("forgelab-out") / f"evaluate-{trace_dir.resolve().name}"
-    out.mkdir(parents=True, exist_ok=True)
     tau = evaluation.tolerance
     for result in evaluation.attacks:
         curves = {}
@@ -193,15 +214,19 @@ def evaluate(
     console.print(
         evaluation_table(
             evaluation,
-            f"{trace_dir}: {len(evaluation.removed)} removed examples touch "
-            f"{len(evaluation.touched_steps)} steps; tau = {tau:.3e}",
+            f"{trace_dir}: {_count(len(evaluation.removed), 'removed example')} "
+            f"touch {_count(len(evaluation.touched_steps), 'step')}; tau = {tau:.3e}",
         )
     )
     honest = evaluation.honest_errors
-    permuted = max(evaluation.benign_errors, default=0.0)
+    permuted = (
+        f"max {max(evaluation.benign_errors):.3e}"
+        if evaluation.benign_errors
+        else "not measured (--benign-steps 0)"
+    )
     console.print(
         f"honest replay: {len(honest)} steps, max error {max(honest):.3e}; honest "
-        f"steps with a permuted batch: max {permuted:.3e}; margin = smallest forged "
+        f"steps with a permuted batch: {permuted}; margin = smallest forged "
         "replay error / tau"
     )
     missed = [r.attack for r in evaluation.attacks if r.num_detected < len(r.steps)]

@@ -15,11 +15,13 @@ from rich.table import Table
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
     parse_tolerance,
     positive_int,
+    prepare_output,
     progress_bars,
 )
 from forgelab.errors import EXIT_ACCEPTED, ForgelabError
@@ -149,7 +151,7 @@ def forging_table(summaries, title: str) -> Table:  # noqa: ANN001 - summaries
     callback=positive_int,
     help="Checkpoint experiment: random batches per checkpoint.",
 )
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 @click.option(
     "--tolerance",
     default="auto",
@@ -208,9 +210,12 @@ def forge(
     if remove_file is None and remove_count is None:
         misplaced = sorted(given & set(REMOVAL_ONLY))
         if misplaced:
-            raise click.UsageError(
-                f"--{misplaced[0].replace('_', '-')} needs --remove or --remove-count"
+            flag = (
+                "--keep-checkpoints/--recompute"
+                if misplaced[0] == "keep_checkpoints"
+                else f"--{misplaced[0].replace('_', '-')}"
             )
+            raise click.UsageError(f"{flag} needs --remove or --remove-count")
         return _checkpoint_experiment(
             trace_dir,
             data_dir,
@@ -263,10 +268,12 @@ def _forged_trace(
         draw_removed,
         forge_trace,
         read_removed,
+        refuse_forged_input,
     )
     from forgelab.trace import Trace
 
     trace = Trace(trace_dir, allow_incomplete=False)
+    refuse_forged_input(trace)
     data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
     if remove_file is not None:
         removed = read_removed(remove_file, data.num_train)
@@ -362,12 +369,17 @@ def _checkpoint_experiment(
 ) -> int:
     from forgelab.attacks import attack_checkpoints, attack_options
     from forgelab.data import load_dataset
+    from forgelab.forgery import refuse_forged_input
     from forgelab.replay import Calibration, calibrate_tolerance, check_dataset
     from forgelab.report import plot_forging, summarise_forging, write_json
-    from forgelab.trace import Trace
+    from forgelab.trace import Trace, check_output_outside
 
     fixed = parse_tolerance(tolerance)
     trace = Trace(trace_dir)
+    refuse_forged_input(trace)
+    out = out or Path("forgelab-out") / f"forge-{trace_dir.resolve().name}"
+    check_output_outside(out, trace_dir)
+    prepare_output(out, "forge.json")
     data = load_dataset(trace.manifest["dataset"]["name"], data_dir)
     check_dataset(trace, data)
     resolved = attack_options(attack, **options)
@@ -393,8 +405,6 @@ def _checkpoint_experiment(
             f"no checkpoint of {trace_dir} is at a multiple of --every {every}"
         )
     summaries = summarise_forging(records, calibration.tolerance)
-    out = out or Path("forgelab-out") / f"forge-{trace_dir.resolve().name}"
-    out.mkdir(parents=True, exist_ok=True)
     write_json(
         out / "forge.json",
         {

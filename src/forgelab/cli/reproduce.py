@@ -9,6 +9,7 @@ from rich.table import Table
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
@@ -88,7 +89,7 @@ def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
     show_default=True,
     callback=positive_int,
 )
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 @click.option("--safety-factor", type=float, default=10.0, show_default=True)
 @click.option(
     "--optimizer",

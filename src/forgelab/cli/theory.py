@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from forgelab.cli.base import OUTPUT_PATH, cli, console, progress_bars
+from forgelab.cli.base import (
+    OUTPUT_PATH,
+    SEED,
+    cli,
+    console,
+    progress_bars,
+)
 from forgelab.errors import EXIT_ACCEPTED
 
 MAX_THEORY_TOLERANCE = 1e-6
@@ -43,7 +49,7 @@ MAX_THEORY_TOLERANCE = 1e-6
     show_default=True,
     help="Learning rate eta that turns gradient distances into forging errors.",
 )
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 def theory(
     dataset: str, out: Path | None, tolerance: float, lr: float, seed: int
 ) -> int:

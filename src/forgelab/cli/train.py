@@ -8,6 +8,7 @@ import click
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
@@ -39,7 +40,7 @@ from forgelab.errors import EXIT_ACCEPTED
 @click.option(
     "--batch-size", type=int, default=100, show_default=True, callback=positive_int
 )
-@click.option("--seed", type=int, default=2024, show_default=True)
+@click.option("--seed", type=SEED, default=2024, show_default=True)
 @click.option(
     "--checkpoint-every",
     type=int,

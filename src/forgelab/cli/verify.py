@@ -9,11 +9,13 @@ from rich.table import Table
 
 from forgelab.cli.base import (
     OUTPUT_PATH,
+    SEED,
     cli,
     console,
     data_dir_option,
     parse_tolerance,
     positive_int,
+    prepare_output,
     progress_bars,
 )
 from forgelab.errors import EXIT_ACCEPTED, EXIT_REJECTED
@@ -71,7 +73,7 @@ def _verify_table(report, show_all: bool, stateful: bool) -> Table:  # noqa: ANN
 )
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=0,
     show_default=True,
     help="The verifier's own seed for choosing calibration steps.",
@@ -116,7 +118,7 @@ def verify(
     from forgelab.forgery import dataset_for_trace
     from forgelab.replay import verify_trace
     from forgelab.report import plot_verification, write_json
-    from forgelab.trace import Trace
+    from forgelab.trace import Trace, check_output_outside
 
     fixed = parse_tolerance(tolerance)
     if not 0 < safety_factor < float("inf"):
@@ -124,6 +126,9 @@ def verify(
             "must be a positive finite number", param_hint="--safety-factor"
         )
     trace = Trace(trace_dir, allow_import=allow_import)
+    out = out or Path("forgelab-out") / f"verify-{trace_dir.resolve().name}"
+    check_output_outside(out, trace_dir)
+    prepare_output(out, "verify.json")
     data = dataset_for_trace(
         trace, load_dataset(trace.manifest["dataset"]["name"], data_dir), removed_file
     )
@@ -137,8 +142,6 @@ def verify(
             seed=seed,
             callback=tasks("replaying"),
         )
-    out = out or Path("forgelab-out") / f"verify-{trace_dir.resolve().name}"
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "verify.json", report.to_json())
     plot_verification(report, out / "verify.png", str(trace_dir))
     table = _verify_table(report, all_steps, not trace.optimizer.is_stateless)
