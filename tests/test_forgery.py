@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,17 @@ def test_removed_set_files(tmp_path, digits):
             read_removed(path, digits.num_train)
     with pytest.raises(ConfigError, match="cannot read"):
         read_removed(tmp_path / "missing.txt", 10)
+    path.write_bytes("\ufeff7\n3\n".encode())
+    assert list(read_removed(path, digits.num_train)) == [3, 7]
+    path.write_text("1" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"index 111111111111\.\.\. \(5000 digits\)"):
+        read_removed(path, digits.num_train)
+    path.write_text("0001436\n")
+    assert list(read_removed(path, digits.num_train)) == [1436]
+    with pytest.raises(ConfigError, match="must be a regular file"):
+        read_removed(Path("/dev/zero"), digits.num_train)
+    with pytest.raises(ConfigError, match="must be a regular file"):
+        read_removed(tmp_path, digits.num_train)
     drawn = draw_removed(digits.num_train, 5, 1)
     assert len(set(drawn)) == 5 and list(drawn) == sorted(drawn)
     assert list(drawn) == list(draw_removed(digits.num_train, 5, 1))
@@ -345,3 +357,113 @@ def test_forge_command_rejects_mixed_modes(logreg_trace_master, tmp_path, capsys
         assert main(args) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_forge_output_never_lands_on_existing_data(
+    logreg_trace, digits, tmp_path, capsys
+):
+    trace = Trace(logreg_trace)
+    removed = _removal(trace)
+    # inside the original trace
+    with pytest.raises(ConfigError, match="inside the trace"):
+        forge_trace(
+            trace, digits, removed, logreg_trace / "checkpoints", attack="thudi"
+        )
+    # a directory holding other files
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "removed.txt").write_text("# my request\n5\n")
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        forge_trace(trace, digits, removed, other, attack="thudi")
+    assert (other / "removed.txt").read_text() == "# my request\n5\n"
+    # verify and evaluate refuse to write their reports inside the trace
+    for command in (["verify"], ["evaluate", "--attack", "thudi"]):
+        args = command + [str(logreg_trace), "--out", str(logreg_trace / "reports")]
+        assert main(args) == 2
+        assert "inside the trace" in capsys.readouterr().err
+    assert not (logreg_trace / "reports").exists()
+    assert Trace(logreg_trace).num_steps == 28
+
+
+def test_a_failed_forgery_leaves_no_partial_trace(
+    logreg_trace_master, digits, tmp_path, monkeypatch
+):
+    import forgelab.forgery
+
+    calls = []
+    honest_segment = forgelab.forgery.forge_segment
+
+    def failing_segment(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise ConfigError("the attack gave up")
+        return honest_segment(*args, **kwargs)
+
+    monkeypatch.setattr(forgelab.forgery, "forge_segment", failing_segment)
+    trace = Trace(logreg_trace_master)
+    out = tmp_path / "forged"
+    with pytest.raises(ConfigError, match="gave up"):
+        forge_trace(trace, digits, _removal(trace), out, attack="thudi")
+    assert len(calls) == 7 and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    calls.clear()
+    with pytest.raises(ConfigError, match="gave up"):
+        forge_trace(trace, digits, _removal(trace), empty, attack="thudi")
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_whole_batch_attacks_check_m_and_the_pool_before_writing(
+    logreg_trace_master, digits, tmp_path
+):
+    trace = Trace(logreg_trace_master)
+    out = tmp_path / "forged"
+    # 500,000 candidate batches of 50 examples are 25 million indices
+    with pytest.raises(ConfigError, match="exceed 20,000,000 drawn indices"):
+        forge_trace(
+            trace,
+            digits,
+            _removal(trace),
+            out,
+            attack="baluta",
+            options={"num_candidates": 500_000},
+        )
+    with pytest.raises(ConfigError, match=r"-M must be in \[1, 10000000\]"):
+        forge_trace(
+            trace,
+            digits,
+            _removal(trace),
+            out,
+            attack="kong",
+            options={"num_candidates": 10**9},
+        )
+    # D' minus one batch of 50 must still hold a batch
+    removed = np.arange(digits.num_train - 60)
+    with pytest.raises(ConfigError, match="fewer than one batch of 50"):
+        forge_trace(trace, digits, removed, out, attack="thudi-batch")
+    assert not out.exists()
+
+
+def test_forged_traces_and_bad_seeds_are_refused_in_one_line(
+    logreg_trace_master, digits, tmp_path, capsys
+):
+    trace = Trace(logreg_trace_master)
+    forged = tmp_path / "forged"
+    forge_trace(trace, digits, _removal(trace), forged, attack="thudi")
+    for args in (
+        ["forge", str(forged)],
+        ["forge", str(forged), "--remove-count", "1", "--out", str(tmp_path / "x")],
+        ["evaluate", str(forged)],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "is a forged trace" in err and err.count("\n") == 1
+    for command in ("verify", "forge", "evaluate"):
+        assert main([command, str(logreg_trace_master), "--seed", "-1"]) == 2
+        err = capsys.readouterr().err
+        assert "--seed" in err and err.count("\n") == 1
+    removed = tmp_path / "r.txt"
+    removed.write_text("3\n")
+    args = ["evaluate", str(logreg_trace_master), "--remove", str(removed)]
+    assert main(args + ["--remove-count", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
