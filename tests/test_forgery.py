@@ -176,6 +176,14 @@ def test_keep_checkpoints_trace_is_rejected_at_exactly_the_forged_steps(
     assert "REJECTED at step 5" in capsys.readouterr().out
     verdict = json.loads((report_dir / "verify.json").read_text())
     assert verdict["failed_steps"] == record["forged_steps"] == [5, 9]
+    # the schedule: an example used twice in the epoch for every replacement that
+    # the epoch already held (the 37 digits a 28-batch epoch leaves out are free)
+    replacements = np.concatenate([s["replacement"] for s in record["steps"]])
+    unused = set(range(digits.num_train)) - set(
+        np.concatenate(list(_batches(Trace(logreg_trace_master)).values())).tolist()
+    )
+    reused = sum(int(r) not in unused for r in replacements)
+    assert verdict["schedule"]["repeated_examples"] == reused > 0
     assert verdict["suspect_checkpoints"] == []
     tau = verdict["calibration"]["tolerance"]
     for segment in verdict["segments"]:

@@ -4,7 +4,12 @@ import torch
 
 from forgelab.cli import main
 from forgelab.errors import TraceError
-from forgelab.replay import calibrate_tolerance, replay_segment, verify_trace
+from forgelab.replay import (
+    calibrate_tolerance,
+    epoch_repeats,
+    replay_segment,
+    verify_trace,
+)
 from forgelab.trace import Trace
 from helpers import read_manifest, replace_index, rewrite_checkpoint, shift_one_weight
 
@@ -24,6 +29,29 @@ def test_honest_trace_is_accepted_with_zero_error(lenet_trace, mnist_small):
     # fp32 against fp64 is the largest benign source, far below a one-example swap
     assert 1e-9 < benign["float64"] < 1e-6
     assert 1e-8 < tau < 1e-5
+    # one shuffled pass per epoch: no example twice in an epoch
+    assert report.schedule["repeated_examples"] == 0
+    assert (
+        report.schedule["steps_per_epoch"]
+        == Trace(lenet_trace).num_steps // (Trace(lenet_trace).manifest["num_epochs"])
+    )
+
+
+def test_epoch_repeats_counts_surplus_uses_per_epoch():
+    batches = {
+        1: np.array([0, 1]),
+        2: np.array([2, 3]),
+        3: np.array([0, 4]),
+        4: np.array([4, 4]),
+        5: np.array([1, 2]),
+    }
+    assert epoch_repeats(batches, 2) == {
+        "steps_per_epoch": 2,
+        "repeated_examples": 2,
+        "epochs_with_repeats": [1],
+    }
+    # as one epoch of five steps: 0, 1, 2 and 4 each come back
+    assert epoch_repeats(batches, 5)["repeated_examples"] == 5
 
 
 def test_calibration_does_not_use_logged_weights(lenet_trace, mnist_small):

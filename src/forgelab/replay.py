@@ -131,6 +131,9 @@ class VerifyReport:
         complete: Whether the recording had finished.
         suspect_checkpoints: Checkpoints (by step) inconsistent with both the segment
             before and the segment after them: a tampered checkpoint makes both fail.
+        schedule: What :func:`epoch_repeats` found in the batch schedule, or None
+            where the trace does not say how many steps make an epoch. It does not
+            enter the decision.
     """
 
     accepted: bool
@@ -138,6 +141,7 @@ class VerifyReport:
     segments: list[SegmentResult]
     complete: bool
     suspect_checkpoints: list[int] = field(default_factory=list)
+    schedule: dict | None = None
 
     @property
     def failed_steps(self) -> list[int]:
@@ -152,6 +156,7 @@ class VerifyReport:
             "calibration": asdict(self.calibration),
             "failed_steps": self.failed_steps,
             "suspect_checkpoints": self.suspect_checkpoints,
+            "schedule": self.schedule,
             "segments": [asdict(s) for s in self.segments],
         }
 
@@ -473,6 +478,49 @@ def calibrate_tolerance(
     )
 
 
+def epoch_repeats(batches: dict[int, np.ndarray], steps_per_epoch: int) -> dict:
+    """Examples that a batch schedule uses more than once within one epoch.
+
+    One shuffled pass over the data per epoch, as forgelab's trainer and most data
+    loaders make, uses every example at most once per epoch. A forged trace that
+    keeps the original schedule but claims a smaller dataset cannot: the slots of
+    the removed examples are filled with examples the epoch already holds. Thudi et
+    al. (USENIX Security 2022) forge the batches of a step and Suliman et al. (2025)
+    replay them; neither looks at the schedule as a whole.
+
+    Args:
+        batches: Batch indices by step (steps numbered from 1).
+        steps_per_epoch: Steps of one epoch.
+
+    Returns:
+        ``steps_per_epoch``, ``repeated_examples`` (surplus uses summed over epochs)
+        and ``epochs_with_repeats`` (0-based epoch numbers).
+    """
+    by_epoch: dict[int, list[np.ndarray]] = {}
+    for step, batch in batches.items():
+        by_epoch.setdefault((step - 1) // steps_per_epoch, []).append(batch)
+    repeats = {}
+    for epoch, parts in sorted(by_epoch.items()):
+        indices = np.concatenate(parts)
+        surplus = len(indices) - len(np.unique(indices))
+        if surplus:
+            repeats[epoch] = int(surplus)
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "repeated_examples": sum(repeats.values()),
+        "epochs_with_repeats": sorted(repeats),
+    }
+
+
+def _steps_per_epoch(trace: Trace) -> int | None:
+    manifest = trace.manifest
+    epochs, total = manifest.get("num_epochs"), manifest.get("total_steps")
+    valid = isinstance(epochs, int) and isinstance(total, int) and epochs > 0
+    if valid and total > 0 and total % epochs == 0:
+        return total // epochs
+    return None
+
+
 def verify_trace(
     trace: Trace,
     dataset: Dataset,
@@ -527,9 +575,13 @@ def verify_trace(
     results: list[SegmentResult] = []
     total = len(trace.checkpoints) - 1
     start = trace.load_checkpoint(0)
+    batches: dict[int, np.ndarray] = {}
     for position in range(1, len(trace.checkpoints)):
         # load the next checkpoint, replay the segment, compare
         end = trace.load_checkpoint(position)
+        first = end.step - len(end.batches) + 1
+        for offset, batch in enumerate(end.batches):
+            batches[first + offset] = np.asarray(batch)
         result = replayer.compare(start, end)
         # a non-finite error never passes, whatever the tolerance
         result.passed = (
@@ -557,10 +609,12 @@ def verify_trace(
         for before, after in zip(results, results[1:], strict=False)
         if not before.passed and not after.passed
     ]
+    per_epoch = _steps_per_epoch(trace)
     return VerifyReport(
         accepted=all(r.passed for r in results),
         calibration=calibration,
         segments=results,
         complete=trace.complete,
         suspect_checkpoints=suspects,
+        schedule=epoch_repeats(batches, per_epoch) if per_epoch else None,
     )

@@ -161,10 +161,20 @@ def verify(
                 f"{worst:.3e}"
             )
     errors = [s.l2 for s in report.segments]
+    unit = "steps" if trace.manifest["checkpoint_interval"] == 1 else "segments"
     console.print(
-        f"{len(errors)} steps replayed, {len(report.failed_steps)} failed, max "
+        f"{len(errors)} {unit} replayed, {len(report.failed_steps)} failed, max "
         f"reproduction error {max(errors):.3e}; report in {out}"
     )
+    schedule = report.schedule
+    if schedule and schedule["repeated_examples"]:
+        epochs = schedule["epochs_with_repeats"]
+        console.print(
+            f"[yellow]batch schedule:[/yellow] {schedule['repeated_examples']} "
+            f"example uses repeat within an epoch ({len(epochs)} of the epochs of "
+            f"{schedule['steps_per_epoch']} steps); one shuffled pass per epoch "
+            "uses each example once (informational, not part of the decision)"
+        )
     if not report.complete:
         console.print(
             f"[yellow]recording was interrupted: verified up to step {trace.num_steps}"
