@@ -322,7 +322,8 @@ def _forged_trace(
     if errors:
         console.print(
             f"forged {len(errors)} of {result.num_steps} steps to remove "
-            f"{len(removed)} examples; forging error min {min(errors):.3e}, median "
+            f"{len(removed)} example{'' if len(removed) == 1 else 's'}; forging error "
+            f"min {min(errors):.3e}, median "
             f"{sorted(errors)[len(errors) // 2]:.3e}, max {max(errors):.3e}"
         )
     else:
