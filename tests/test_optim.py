@@ -123,9 +123,11 @@ def test_stateful_trace_verifies_exactly(stateful_traces, name, tmp_path, capsys
     assert all(set(s["state_errors"]) == expected_keys for s in report["segments"])
 
 
-def test_shifted_weight_in_adam_trace_is_rejected_at_that_step(adam_trace, capsys):
+def test_shifted_weight_in_adam_trace_is_rejected_at_that_step(
+    adam_trace, tmp_path, capsys
+):
     rewrite_checkpoint(adam_trace, 3, shift_one_weight(1e-4))
-    assert main(["verify", str(adam_trace), "--out", str(adam_trace / "out")]) == 1
+    assert main(["verify", str(adam_trace), "--out", str(tmp_path / "out")]) == 1
     assert "REJECTED at step 3" in capsys.readouterr().out
 
 
