@@ -2,14 +2,21 @@
 
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from forgelab.bench import (
+    DIGIT_MODELS,
     BenchSettings,
     Timing,
     _await_child,
+    _model,
     measure_engine,
     measure_nearest,
     measure_reeval,
@@ -20,6 +27,7 @@ from forgelab.bench import (
 )
 from forgelab.cli import main
 from forgelab.errors import ConfigError, DataError, ForgelabError
+from forgelab.models import MODELS
 
 
 def test_ratio_is_the_median_of_per_round_ratios():
@@ -48,8 +56,12 @@ def test_sides_alternate_their_order_between_rounds():
         ({"repeats": 0}, "repeats must be >= 1"),
         ({"batch_size": 4000}, "batch size must be <= 1000"),
         ({"num_replaced": 101}, "f must be between"),
-        ({"large_pool": 1}, "large pool must hold >= 2"),
-        ({"trace_steps": 1}, "trace steps"),
+        ({"large_pool": 1}, "large pool must hold 2 to 200,000"),
+        ({"large_pool": 10**9}, "large pool must hold 2 to 200,000"),
+        ({"trace_steps": 0}, r"trace steps must be in \[1, 10,000\]"),
+        ({"trace_steps": 10**9}, "trace steps"),
+        ({"num_candidates": 10**9}, "number of candidates must be in"),
+        ({"num_candidates": 10**6, "num_replaced": 100}, "drawn indices"),
         ({"seed": -1}, "seed must be in"),
         ({"seed": 2**64}, "seed must be in"),
         ({"only": ()}, "no measurement chosen"),
@@ -62,8 +74,19 @@ def test_bad_settings_are_config_errors(changes, message):
 
 
 def test_settings_of_measurements_not_run_are_not_checked():
-    settings = BenchSettings(only=("reeval",), trace_steps=1, large_pool=1, models=())
-    assert settings.trace_steps == 1
+    settings = BenchSettings(only=("reeval",), trace_steps=0, large_pool=1, models=())
+    assert settings.trace_steps == 0
+
+
+def test_digit_models_are_exactly_the_models_that_take_mnist():
+    takes_digits = set()
+    for name in MODELS:
+        try:
+            _model(name, 0)
+        except ConfigError:
+            continue
+        takes_digits.add(name)
+    assert takes_digits == set(DIGIT_MODELS)
 
 
 def test_models_are_checked_before_anything_is_measured():
@@ -111,6 +134,15 @@ def test_summary_has_rows_only_for_what_ran_and_targets_only_at_defaults():
         ("reeval", None),
     ]
     assert rows[1]["target"] == "(>= 30 at defaults)"
+    # the embedded pool is always 5,000 digits; a small large pool shows nothing
+    nearest = {
+        "nearest": [
+            {"pool_size": 5000, "peak_rss_gb": 0.5, "seconds": 1.0, "pool": "embedded"},
+            {"pool_size": 10, "peak_rss_gb": 0.3, "seconds": 0.1, "pool": "random"},
+        ]
+    }
+    rows = summarise(nearest, BenchSettings(only=("nearest",), large_pool=10))
+    assert [row["met"] for row in rows] == [True, None]
 
 
 def test_summary_compares_each_headline_with_its_target():
@@ -214,13 +246,19 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 def test_cli_refuses_a_bad_out_before_measuring(tmp_path, capsys):
     existing = tmp_path / "file"
     existing.write_text("keep me")
-    code = main(["bench", "--only", "nearest", "--out", str(existing)])
-    assert code == 2
-    captured = capsys.readouterr()
-    assert "measuring" not in captured.out
-    assert captured.err.count("\n") == 1
-    assert "cannot create output directory" in captured.err
+    for out, message in (
+        (existing, "cannot create output directory"),
+        (Path("/proc"), "cannot write into output directory /proc"),
+    ):
+        code = main(["bench", "--only", "nearest", "--out", str(out)])
+        assert code == 2
+        captured = capsys.readouterr()
+        assert "measuring" not in captured.out
+        assert captured.err.count("\n") == 1
+        assert message in captured.err
     assert existing.read_text() == "keep me"
+    assert main(["bench", "--data-dir", "", "--out", str(tmp_path)]) == 2
+    assert "must not be empty" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_measurements_in_one_line(tmp_path, capsys):
@@ -228,3 +266,25 @@ def test_cli_rejects_unknown_measurements_in_one_line(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "unknown measurement 'speed'" in error
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_trace(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environment = dict(os.environ, TMPDIR=str(scratch))
+    command = [sys.executable, "-m", "forgelab", "bench", "--only", "verify"]
+    command += ["--trace-steps", "10000", "--out", str(tmp_path / "out")]
+    child = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    # wait until the recording has started writing its trace
+    deadline = time.monotonic() + 120
+    while not list(scratch.glob("forgelab-bench-*/trace-0/checkpoints/*")):
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "forgelab: interrupted"
+    assert list(scratch.glob("forgelab-bench-*")) == []
+    assert not (tmp_path / "out" / "bench.json").exists()

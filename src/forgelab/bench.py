@@ -69,6 +69,16 @@ REEVAL_ROUNDS = 3
 VERIFY_ROUNDS = 2
 """At most this many rounds of recording and verifying a trace."""
 
+DIGIT_MODELS = ("lenet", "lenet5-tanh", "logreg", "mlp")
+"""The built-in models that take 28x28 digits in 10 classes (the others need
+two-class, colour or token data)."""
+
+MAX_POOL = 200_000
+"""Largest pool of the nearest search: 630 MB of MNIST-shaped pixels."""
+
+MAX_TRACE_STEPS = 10_000
+"""Most steps of the recorded trace: a LeNet checkpoint per step is 250 KB."""
+
 NEAREST_K = 2
 """The nearest search reports this many rows: the example itself and the next."""
 
@@ -138,20 +148,28 @@ class BenchSettings:
             raise ConfigError(
                 f"f must be between 1 and the batch size, got {self.num_replaced}"
             )
-        if "nearest" in self.only and self.large_pool < NEAREST_K:
+        if "nearest" in self.only and not NEAREST_K <= self.large_pool <= MAX_POOL:
             raise ConfigError(
-                f"large pool must hold >= {NEAREST_K} examples (the search reports "
-                f"the {NEAREST_K} nearest), got {self.large_pool}"
+                f"large pool must hold {NEAREST_K} to {MAX_POOL:,} examples (the "
+                f"search reports the {NEAREST_K} nearest), got {self.large_pool}"
             )
-        if "verify" in self.only and self.trace_steps < 2:
-            raise ConfigError(f"trace steps must be >= 2, got {self.trace_steps}")
+        if "verify" in self.only and not 1 <= self.trace_steps <= MAX_TRACE_STEPS:
+            raise ConfigError(
+                f"trace steps must be in [1, {MAX_TRACE_STEPS:,}], got "
+                f"{self.trace_steps}"
+            )
+        if "reeval" in self.only:
+            from forgelab.attacks import check_candidates
+
+            check_candidates(self.num_candidates, self.num_replaced)
 
     def at_defaults(self, measurement: str) -> bool:
         """Whether a measurement runs with the settings its target was set for."""
-        if measurement == "nearest_rss_gb":
-            # a memory bound, whatever the pool (at most 60,000) and threads
-            return True
         defaults = BenchSettings()
+        if measurement == "nearest_rss_gb":
+            # a memory bound: threads do not matter, a pool smaller than the
+            # default one would meet it without showing anything
+            return self.large_pool >= defaults.large_pool
         fields = {
             "floor": ("batch_size", "threads"),
             "loop": ("batch_size", "threads"),
@@ -757,11 +775,14 @@ def summarise(results: dict, settings: BenchSettings | None = None) -> list[dict
     settings = settings or BenchSettings()
     rows = []
 
-    def add(name: str, label: str, value: float, note: str = "") -> None:
+    def add(
+        name: str, label: str, value: float, note: str = "", fixed: bool = False
+    ) -> None:
+        # fixed: the measurement does not depend on the settings
         if name.split("_")[0] not in settings.only:
             return
         comparison, bound = TARGETS[name]
-        applies = settings.at_defaults(name)
+        applies = fixed or settings.at_defaults(name)
         rows.append(
             {
                 "measurement": name,
@@ -807,12 +828,13 @@ def summarise(results: dict, settings: BenchSettings | None = None) -> list[dict
             f"nearest over {entry['pool_size']:,}: peak RSS (GB)",
             entry["peak_rss_gb"],
             f"{entry['seconds']:.1f} s, {entry['pool']}",
+            fixed=entry["pool"].startswith("embedded"),
         )
     if "verify" in results:
         entry = results["verify"]
         add(
             "verify",
-            f"verify / record, {entry['num_steps']} steps",
+            f"verify / record, {entry['num_steps']:,} steps",
             entry["ratio"],
             f"{entry['ratio_without_calibration']:.2f} without calibration",
         )

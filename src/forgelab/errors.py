@@ -3,6 +3,8 @@
 EXIT_ACCEPTED = 0
 EXIT_REJECTED = 1
 EXIT_UNUSABLE = 2
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C or SIGTERM, as shells report a SIGINT (128 + 2)."""
 
 
 class ForgelabError(Exception):

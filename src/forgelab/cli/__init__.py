@@ -1,14 +1,17 @@
 """The ``forgelab`` command line.
 
 Exit codes: 0 success (a verified trace was accepted), 1 a trace was rejected,
-2 unusable input (bad options, malformed or unsafe trace, missing data).
+2 unusable input (bad options, malformed or unsafe trace, missing data), 130
+interrupted (Ctrl-C or SIGTERM).
 
 Each command lives in its own module and registers itself on the group ``cli``.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -21,8 +24,13 @@ from forgelab.cli import (  # noqa: F401 - registers the commands
     train,
     verify,
 )
-from forgelab.cli.base import cli, error_console
-from forgelab.errors import EXIT_ACCEPTED, EXIT_UNUSABLE, ForgelabError
+from forgelab.cli.base import cli
+from forgelab.errors import (
+    EXIT_ACCEPTED,
+    EXIT_INTERRUPTED,
+    EXIT_UNUSABLE,
+    ForgelabError,
+)
 
 __all__ = ["cli", "main"]
 
@@ -32,8 +40,24 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    # unwind like Ctrl-C, so that partial outputs and temporary files are removed
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command line and map errors to exit codes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="forgelab", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -47,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         code = EXIT_UNUSABLE
-    except click.exceptions.Abort:
-        error_console.print("forgelab: aborted")
-        code = EXIT_UNUSABLE
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("forgelab: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except ForgelabError as error:
         print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = error.exit_code

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -88,8 +88,8 @@ def parse_tolerance(value: str) -> float | None:
     return tolerance
 
 
-class OutputPath(click.Path):
-    """A path option for output; an empty string (the current directory) is refused."""
+class NonEmptyPath(click.Path):
+    """A path option that refuses an empty string (silently the current directory)."""
 
     def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
         """Refuse an empty or blank path, then convert as :class:`click.Path`."""
@@ -98,7 +98,7 @@ class OutputPath(click.Path):
         return super().convert(value, param, ctx)
 
 
-OUTPUT_PATH = OutputPath(path_type=Path)
+OUTPUT_PATH = NonEmptyPath(path_type=Path)
 
 
 def prepare_output(directory: Path, name: str) -> Path:
@@ -119,8 +119,15 @@ def prepare_output(directory: Path, name: str) -> Path:
     destination = directory / name
     if destination.is_dir():
         raise ConfigError(f"{destination} is a directory; choose another --out")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory {directory} is not writable")
+    try:
+        # a file really created and removed: permission bits do not tell for root,
+        # and pseudo file systems such as /proc refuse new files whatever they say
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{name}."):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write into output directory {directory}: {error.strerror}"
+        ) from None
     return destination
 
 
@@ -138,7 +145,7 @@ SEED = click.IntRange(0, 2**63 - 1)
 
 data_dir_option = click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    type=NonEmptyPath(path_type=Path),
     default=None,
     help="Directory with the dataset's standard files (default: embedded copy).",
 )

@@ -133,7 +133,7 @@ def bench(
 
     Prints each ratio with its target and writes them all to OUT/bench.json.
     """
-    from forgelab.bench import BenchSettings, run_benchmark
+    from forgelab.bench import DIGIT_MODELS, BenchSettings, run_benchmark
     from forgelab.models import MODELS
     from forgelab.report import write_json
 
@@ -141,7 +141,7 @@ def bench(
     for model in chosen:
         if model not in MODELS:
             raise click.BadParameter(
-                f"unknown model {model!r}; choose from {', '.join(MODELS)}",
+                f"unknown model {model!r}; choose from {', '.join(DIGIT_MODELS)}",
                 param_hint="--models",
             )
     settings = BenchSettings(
