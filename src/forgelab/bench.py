@@ -585,10 +585,14 @@ def measure_nearest(settings: BenchSettings, pool: str, size: int) -> dict:
     child.start()
     try:
         outcome = _await_child(child, results)
+    except BaseException:
+        # interrupted or failed: the search is of no use any more
+        child.terminate()
+        raise
     finally:
         child.join(timeout=60)
         if child.is_alive():
-            child.terminate()
+            child.kill()
     if "error" in outcome:
         kind = {"DataError": DataError, "ConfigError": ConfigError}.get(
             outcome["kind"], ForgelabError
