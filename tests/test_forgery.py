@@ -67,6 +67,9 @@ def test_removed_set_files(tmp_path, digits):
         read_removed(path, digits.num_train)
     path.write_text("0001436\n")
     assert list(read_removed(path, digits.num_train)) == [1436]
+    # leading zeros beyond int()'s 4,300-digit limit, and an index of zeros only
+    path.write_text("0" * 5000 + "5\n000\n")
+    assert list(read_removed(path, digits.num_train)) == [0, 5]
     with pytest.raises(ConfigError, match="must be a regular file"):
         read_removed(Path("/dev/zero"), digits.num_train)
     with pytest.raises(ConfigError, match="must be a regular file"):

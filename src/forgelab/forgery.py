@@ -118,8 +118,10 @@ def read_removed(path: Path, num_train: int) -> np.ndarray:
         for token in line.split("#", 1)[0].replace(",", " ").split():
             if not re.fullmatch(r"[0-9]+", token):
                 raise ConfigError(f"{path}:{number}: {token!r} is not an example index")
-            # compare digit counts first: int() refuses numbers of over 4,300 digits
-            if len(token.lstrip("0")) > len(str(num_train)) or int(token) >= num_train:
+            # compare digit counts first: int() refuses numbers of over 4,300 digits,
+            # leading zeros included
+            digits = token.lstrip("0") or "0"
+            if len(digits) > len(str(num_train)) or int(digits) >= num_train:
                 shown = (
                     token
                     if len(token) <= 20
@@ -129,7 +131,7 @@ def read_removed(path: Path, num_train: int) -> np.ndarray:
                     f"{path}:{number}: index {shown} is outside the training set "
                     f"[0, {num_train})"
                 )
-            values.append(int(token))
+            values.append(int(digits))
     if not values:
         raise ConfigError(f"{path}: no example index in the removed set")
     distinct = np.unique(np.array(values, dtype=np.int64))
