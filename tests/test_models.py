@@ -17,6 +17,8 @@ from forgelab.models import (
     ModelSpec,
     TransformerClassifier,
     build_model,
+    compute_loss,
+    example_losses,
     load_entry_point,
 )
 
@@ -133,3 +135,27 @@ def test_entry_point_models_are_imported_only_when_trusted(tmp_path, monkeypatch
         ModelSpec(ENTRY_POINT_MODEL, (4,), 3, entry_point="../x:y", declared_loss="bce")
     with pytest.raises(ConfigError, match="built in"):
         ModelSpec("lenet", (1, 28, 28), 10, entry_point="a:b")
+
+
+@pytest.mark.parametrize("loss, classes", [("cross_entropy", 10), ("bce", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_example_losses_equal_batches_of_one_bit_for_bit(loss, classes, dtype):
+    generator = torch.Generator().manual_seed(7)
+    logits = (
+        5 * torch.randn(64, classes, generator=generator, dtype=dtype)
+    ).requires_grad_()
+    labels = torch.randint(0, max(classes, 2), (64,), generator=generator)
+    losses = example_losses(loss, logits, labels)
+    (fast,) = torch.autograd.grad(losses.sum(), logits)
+    for i in range(64):
+        single = compute_loss(loss, logits[i : i + 1], labels[i : i + 1])
+        (slow,) = torch.autograd.grad(single, logits)
+        assert torch.equal(losses[i], single)
+        if loss == "cross_entropy":
+            assert torch.equal(fast[i], slow[i])
+        else:
+            # the backward pass's vectorised sigmoid may round the last bit otherwise
+            eps = torch.finfo(dtype).eps
+            assert torch.allclose(fast[i], slow[i], rtol=2 * eps, atol=eps)
+    with pytest.raises(ConfigError, match="unknown loss 'mse'"):
+        example_losses("mse", logits, labels)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from forgelab.errors import ConfigError
-from forgelab.models import compute_loss
+from forgelab.models import compute_loss, example_losses
 
 logger = logging.getLogger(__name__)
 
@@ -220,17 +220,6 @@ def _slots(model: nn.Module) -> list[_Slot]:
     return slots
 
 
-def _example_losses(
-    loss: str, logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Each example's loss, computed as a batch of one (as the vmap engine does)."""
-
-    def single(row: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return compute_loss(loss, row.unsqueeze(0), label.unsqueeze(0))
-
-    return vmap(single)(logits, labels)
-
-
 def _layerwise_chunk(
     model: nn.Module,
     loss: str,
@@ -258,7 +247,7 @@ def _layerwise_chunk(
     try:
         with torch.enable_grad():
             logits = model(inputs)
-            losses = _example_losses(loss, logits, labels)
+            losses = example_losses(loss, logits, labels)
     finally:
         for handle in handles:
             handle.remove()
@@ -301,9 +290,10 @@ def _linear_grads(
     features_in = activation.shape[-1]
     weights = target.view(count, features_out, features_in)
     if activation.dim() == 2:
-        # one input vector per example: an outer product, written in place (as a
-        # batched matrix product, which on a CPU stores faster than a broadcast mul)
-        torch.bmm(backprop.unsqueeze(2), activation.unsqueeze(1), out=weights)
+        # one input vector per example: an outer product, written in place; a
+        # broadcast product is one rounding per entry, as a matrix product of
+        # depth one is, and stores faster than bmm's loop over the examples
+        torch.mul(backprop.unsqueeze(2), activation.unsqueeze(1), out=weights)
     else:
         # a sequence of vectors per example: sum the outer products over positions
         weights.copy_(

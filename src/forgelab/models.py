@@ -459,6 +459,31 @@ def compute_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor) -> torch
     raise ConfigError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
+def example_losses(
+    loss: str, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Each example's own loss, shape ``(n,)``.
+
+    Example i's value equals bit for bit that of :func:`compute_loss` on the batch of
+    that example alone (a mean over one element). So does its gradient with respect
+    to ``logits[i]`` for cross-entropy; for binary cross-entropy the vectorised
+    sigmoid of the backward pass may differ from the single-element one in the last
+    bit (the tests check both).
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"bce"``.
+        logits: Model outputs, shape ``(n, classes)`` or ``(n, 1)``.
+        labels: Class indices, shape ``(n,)``.
+    """
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(
+            logits.squeeze(-1), labels.to(logits.dtype), reduction="none"
+        )
+    raise ConfigError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
 def predict(loss: str, logits: torch.Tensor) -> torch.Tensor:
     """Predicted class indices for model outputs trained with ``loss``."""
     if loss == "bce":
