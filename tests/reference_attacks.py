@@ -234,3 +234,22 @@ def exhaustive_best(context, batch, slots, pool) -> float:
         )
         best = min(best, distance)
     return best
+
+
+def best_single_swap(context, batch, slots, pool, replacement) -> float:
+    """The smallest gradient distance reachable by changing one replacement."""
+    target = gradient(context, batch)
+    best = np.inf
+    for position in range(len(replacement)):
+        for candidate in pool:
+            if candidate in replacement:
+                continue
+            changed = np.array(replacement).copy()
+            changed[position] = candidate
+            distance = float(
+                torch.linalg.vector_norm(
+                    gradient(context, replaced(batch, slots, changed)) - target
+                )
+            )
+            best = min(best, distance)
+    return best

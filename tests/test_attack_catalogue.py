@@ -17,6 +17,7 @@ from forgelab.attacks import (
     ATTACKS,
     WHOLE_BATCH_ATTACKS,
     AttackContext,
+    _improve_by_swaps,
     attack_defaults,
     baluta,
     forge_batch,
@@ -24,6 +25,7 @@ from forgelab.attacks import (
     kong,
     nearest,
     shuffled_batches,
+    swap,
     thudi,
     thudi_batch,
     zhang_sn,
@@ -42,6 +44,7 @@ PUBLISHED = {
     "baluta": {"num_candidates": 100, "norm": "l2"},
     "nearest": {"max_bytes": 64 * 2**20},
     "greedy": {"max_bytes": 64 * 2**20},
+    "swap": {"max_passes": 20, "max_bytes": 64 * 2**20},
 }
 
 
@@ -286,6 +289,90 @@ def test_greedy_finds_an_exact_forgery_where_nearest_does_not():
     assert alone.distance == pytest.approx(0.2, rel=1e-6)
     assert alone.forging_error == pytest.approx(0.02, rel=1e-6)
     assert alone.paper_error == pytest.approx(math.sqrt(0.1) * 0.2, rel=1e-6)
+
+
+def test_swap_is_a_local_optimum_no_worse_than_greedy_or_nearest(digits):
+    context = _context(digits)
+    batch, pool = _case(pool_size=40)
+    slots = np.array([1, 2, 8])
+    found = swap(context, batch, slots, pool)
+    assert len(set(found.replacement)) == 3
+    assert not np.isin(found.replacement, batch).any()
+    assert found.score == pytest.approx(found.distance, rel=1e-4)
+    for start in (greedy, nearest):
+        assert found.distance <= start(context, batch, slots, pool).distance
+    # no single swap, checked with every example's own backward pass, does better
+    assert ref.best_single_swap(context, batch, slots, pool, found.replacement) >= (
+        found.distance * (1 - 1e-6)
+    )
+    # streamed in small chunks instead of cached, the same forgery
+    streamed = swap(context, batch, slots, pool, max_bytes=2**14)
+    assert np.array_equal(streamed.replacement, found.replacement)
+    # no swaps at all: the better of the two starting points
+    start = swap(context, batch, slots, pool, max_passes=0)
+    assert start.distance == pytest.approx(
+        min(
+            greedy(context, batch, slots, pool).distance,
+            nearest(context, batch, slots, pool).distance,
+        ),
+        rel=1e-6,
+    )
+    one = swap(context, batch, slots[:1], pool)
+    assert np.array_equal(
+        one.replacement, nearest(context, batch, slots[:1], pool).replacement
+    )
+    with pytest.raises(ConfigError, match="max_passes must be >= 0"):
+        swap(context, batch, slots, pool, max_passes=-1)
+
+
+def test_swap_is_never_better_than_the_exhaustive_optimum(digits):
+    context = _context(digits)
+    for seed in (3, 4, 5):
+        batch, pool = _case(pool_size=14, seed=seed)
+        slots = np.array([0, 1])
+        found = swap(context, batch, slots, pool)
+        optimum = ref.exhaustive_best(context, batch, slots, pool)
+        assert optimum <= found.distance * (1 + 1e-5)
+        assert found.distance <= greedy(context, batch, slots, pool).distance
+
+
+def test_swap_repairs_a_greedy_first_choice():
+    context = _context(Tiny, lr=0.1)
+    with torch.no_grad():
+        for p in context.model.parameters():
+            p.zero_()
+    # the removed inputs (1,0) and (0,1) sum to (1,1); the pool holds (1,1) itself,
+    # which greedy takes first, leaving (0,0) to be matched by (0.9,0): a residual
+    # of (-0.9, 0) in input space
+    inputs = torch.tensor(
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.9, 0.0], [0.1, 1.0], [3.0, 3.0]]
+    )
+    context = AttackContext(
+        context.model, context.loss, inputs, torch.zeros(6, dtype=torch.int64), 0.1
+    )
+    batch, slots, pool = np.array([0, 1]), np.array([0, 1]), np.array([2, 3, 4, 5])
+    first = greedy(context, batch, slots, pool)
+    assert list(first.replacement) == [2, 3]
+    # |v| = 1/sqrt(2), over b = 2
+    assert first.distance == pytest.approx(0.9 / math.sqrt(2) / 2, rel=1e-6)
+    # (0.9,0) + (0.1,1) = (1,0) + (0,1): swapping (1,1) for (0.1,1) is exact
+    found = swap(context, batch, slots, pool, max_passes=0)
+    assert sorted(found.replacement) == [3, 4]
+    assert found.distance == pytest.approx(0.0, abs=1e-7)
+    # from greedy's start alone, one swap gets there too
+    grads = context.per_sample(pool)[0].double()
+    target = context.per_sample(batch)[0].double().sum(0)
+    taken, residual, swaps = _improve_by_swaps(
+        context,
+        pool,
+        [0, 1],
+        target - grads[[0, 1]].sum(0),
+        max_passes=20,
+        max_bytes=2**20,
+        cached=None,
+    )
+    assert sorted(pool[taken]) == [3, 4] and swaps == 1
+    assert float(torch.linalg.vector_norm(residual)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_attack_options_are_checked(digits):

@@ -57,8 +57,10 @@ def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
     attacks = {row["attack"]: row for row in results["attacks"]}
     assert list(attacks) == list(ATTACKS)
     replaced = {"thudi-batch": 100, "kong": 100, "baluta": 100, "greedy": 2}
+    replaced["swap"] = 2
     candidates = {"thudi-batch": 400, "thudi": 400, "reeval": 300, "kong": 200}
     candidates |= {"zhang-sr": 50, "baluta": 100, "nearest": 1337, "greedy": 1337}
+    candidates["swap"] = 1337
     for name, row in attacks.items():
         assert row["step"] == 84 and len(row["forging_errors"]) == 1
         assert row["num_replaced"] == replaced.get(name, 1)
@@ -68,6 +70,8 @@ def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
         assert row["num_detected"] == sum(e > tau for e in row["forging_errors"])
     # searching the whole pool beats the best of 300 on the same batches
     assert attacks["nearest"]["minimum"] <= attacks["reeval"]["minimum"] * (1 + 1e-5)
+    # the local search starts from greedy's choice and only lowers the error
+    assert attacks["swap"]["minimum"] <= attacks["greedy"]["minimum"] * (1 + 1e-5)
     assert "## Every attack at step 84" in report
     assert "every attack at step 84" in printed
     # a second run replaces the trace it made before

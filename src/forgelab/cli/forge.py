@@ -74,7 +74,7 @@ def forging_table(summaries, title: str) -> Table:  # noqa: ANN001 - summaries
     default="reeval",
     show_default=True,
     help="Attack name: thudi-batch, thudi, reeval, kong, zhang-sr, zhang-sn, "
-    "baluta, nearest, greedy.",
+    "baluta, nearest, greedy, swap.",
 )
 @click.option(
     "--remove",
