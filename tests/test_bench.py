@@ -66,6 +66,13 @@ def test_sides_alternate_their_order_between_rounds():
         ({"seed": 2**64}, "seed must be in"),
         ({"only": ()}, "no measurement chosen"),
         ({"models": (), "only": ("loop",)}, "no model chosen"),
+        ({"repeats": 1001}, "repeats must be <= 1000"),
+        ({"threads": 10**6}, "threads must be at most the"),
+        # 10,000 steps of batch 1 are 2.5 epochs of 4,000 digits: 12,000 recorded
+        (
+            {"trace_steps": 10_000, "batch_size": 1, "only": ("verify",)},
+            "10000 trace steps become 12,000 in whole epochs of batch size 1",
+        ),
     ],
 )
 def test_bad_settings_are_config_errors(changes, message):
@@ -288,3 +295,10 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_trace(tmp_path):
     assert err.decode().strip().splitlines()[-1] == "forgelab: interrupted"
     assert list(scratch.glob("forgelab-bench-*")) == []
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_recorded_steps_round_up_to_whole_epochs():
+    assert BenchSettings().recorded_steps() == 400
+    assert BenchSettings(trace_steps=401).recorded_steps() == 440
+    assert BenchSettings(trace_steps=10_000, batch_size=2).recorded_steps() == 10_000
+    assert BenchSettings(trace_steps=1, batch_size=1000).recorded_steps() == 4

@@ -4,6 +4,8 @@ import pytest
 
 from forgelab.attacks import ATTACKS
 from forgelab.cli import main
+from forgelab.errors import ConfigError
+from forgelab.trace import remove_own_trace
 
 
 def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
@@ -53,6 +55,10 @@ def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert f"{tau:.3e}" in report
     assert "margin" in report
+    if min(forging) > tau:
+        # honest replays are exact here, so no ratio to them is printed
+        assert "every honest step replayed with reproduction error exactly 0" in report
+        assert "times the largest honest" not in report
     # the compact attack table: every attack at the checkpoint 3/4 into training
     attacks = {row["attack"]: row for row in results["attacks"]}
     assert list(attacks) == list(ATTACKS)
@@ -128,6 +134,15 @@ def test_reproduce_refuses_to_delete_foreign_directories(tmp_path, capsys):
         (["reproduce", "--model", "nope", "--dataset", "digits"], "unknown model"),
         (["reproduce", "--model", "lenet", "--dataset", "digits"], "needs images"),
         (["reproduce", "--runs", "0"], "must be >= 1"),
+        # checked before a trace is trained
+        (["reproduce", "-f", "101"], "must be at most the batch size 100"),
+        (["reproduce", "-M", "100000000000"], "number of candidates must be in"),
+        (["reproduce", "--runs", "100000"], "must be at most 10,000"),
+        (["reproduce", "--attack-runs", "100000"], "must be at most 10,000"),
+        (
+            ["train", "--out", "x", "--optimizer", "adam", "--momentum", "0.9"],
+            "Adam takes no momentum",
+        ),
         (
             [
                 "train",
@@ -151,6 +166,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+    # refused before anything was trained or written
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -171,3 +188,45 @@ def test_usage_errors_are_one_line(args, message, capsys):
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("forgelab: error: ")
+
+
+def test_only_a_directory_that_is_entirely_a_trace_is_replaced(logreg_trace, tmp_path):
+    # an honest trace written by forgelab (with an unfinished atomic write) goes
+    (logreg_trace / "checkpoints" / ".step-00000001.safetensors.abc123").write_bytes(
+        b""
+    )
+    remove_own_trace(logreg_trace)
+    assert not logreg_trace.exists()
+
+    def refused(directory):
+        with pytest.raises(ConfigError, match="not a forgelab trace; not touching"):
+            remove_own_trace(directory)
+        assert directory.exists()
+
+    # a user's folder that merely holds a file called manifest.json stays
+    foreign = tmp_path / "foreign"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "manifest.json").write_text("not json at all")
+    (foreign / "data.csv").write_text("a,b\n")
+    refused(foreign)
+    (foreign / "manifest.json").write_text('{"format": "something-else"}')
+    refused(foreign)
+    assert (foreign / "data.csv").read_text() == "a,b\n"
+    # a real manifest with the user's files beside it, or among the checkpoints
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "manifest.json").write_text('{"format": "forgelab-trace"}')
+    (real / "checkpoints").mkdir()
+    (real / "checkpoints" / "step-00000000.safetensors").write_bytes(b"x")
+    (real / "mynotes.txt").write_text("keep")
+    refused(real)
+    (real / "mynotes.txt").unlink()
+    (real / "checkpoints" / "thesis.tex").write_text("keep")
+    refused(real)
+    (real / "checkpoints" / "thesis.tex").unlink()
+    # a symbolic link to a trace is not followed
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    refused(link)
+    remove_own_trace(real)
+    assert not real.exists()

@@ -58,6 +58,12 @@ TARGETS = {
 MAX_BATCH_SIZE = 1000
 """Largest batch the benchmark accepts; its batches come from 4,000 digits."""
 
+TRAIN_DIGITS = 4000
+"""Training digits of the embedded MNIST, which the verify measurement trains on."""
+
+MAX_REPEATS = 1000
+"""Most rounds per measurement (``repeats``); each round takes up to a second."""
+
 ENGINE_ROUND_FACTOR = 3
 """The per-sample engine comparisons run this many times ``repeats`` rounds (each
 round takes well under a second, and a batched MLP step is short enough for load
@@ -139,6 +145,14 @@ class BenchSettings:
         for name in ("batch_size", "repeats", "threads", "num_candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.repeats > MAX_REPEATS:
+            raise ConfigError(f"repeats must be <= {MAX_REPEATS}, got {self.repeats}")
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:
+            raise ConfigError(
+                f"threads must be at most the {cpus} CPUs of this machine (more only "
+                f"make threads wait for each other), got {self.threads}"
+            )
         if self.batch_size > MAX_BATCH_SIZE:
             raise ConfigError(
                 f"batch size must be <= {MAX_BATCH_SIZE} (the benchmark draws batches "
@@ -158,10 +172,21 @@ class BenchSettings:
                 f"trace steps must be in [1, {MAX_TRACE_STEPS:,}], got "
                 f"{self.trace_steps}"
             )
+        if "verify" in self.only and self.recorded_steps() > MAX_TRACE_STEPS:
+            raise ConfigError(
+                f"{self.trace_steps} trace steps become {self.recorded_steps():,} in "
+                f"whole epochs of batch size {self.batch_size}, more than "
+                f"{MAX_TRACE_STEPS:,}"
+            )
         if "reeval" in self.only:
             from forgelab.attacks import check_candidates
 
             check_candidates(self.num_candidates, self.num_replaced)
+
+    def recorded_steps(self, num_train: int = TRAIN_DIGITS) -> int:
+        """Steps the verify measurement records: ``trace_steps`` in whole epochs."""
+        per_epoch = max(1, num_train // self.batch_size)
+        return max(1, -(-self.trace_steps // per_epoch)) * per_epoch
 
     def at_defaults(self, measurement: str) -> bool:
         """Whether a measurement runs with the settings its target was set for."""
@@ -302,6 +327,7 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
     width = num_parameters(model)
     matrix = torch.empty(settings.batch_size, width)
     writes = torch.empty(settings.batch_size, width)
+    loop_matrix = torch.empty(settings.batch_size, width)
     sides = {
         "batched": lambda: batch_gradient(model, loss, inputs, labels),
         "engine": lambda: per_sample_gradients(model, loss, inputs, labels, out=matrix),
@@ -309,7 +335,10 @@ def measure_engine(settings: BenchSettings, name: str) -> dict:
         "vmap": lambda: per_sample_gradients(
             model, loss, inputs, labels, engine="vmap", out=matrix
         ),
-        "loop": lambda: per_sample_gradients_loop(model, loss, inputs, labels),
+        # into a reused matrix like the engine, so neither side pays page faults
+        "loop": lambda: per_sample_gradients_loop(
+            model, loss, inputs, labels, out=loop_matrix
+        ),
         "write_only": lambda: writes.fill_(1.0),
     }
     timing = time_interleaved(sides, ENGINE_ROUND_FACTOR * settings.repeats)

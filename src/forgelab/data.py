@@ -29,8 +29,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
+import os
+import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -246,7 +251,21 @@ def load_mnist_embedded() -> Dataset:
     )
 
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4"}
+_IDX_TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
+"""The type codes of the IDX format, with their names; MNIST files use only 0x08."""
+
+_IDX_UNSIGNED_BYTE = 0x08
+
+_IDX_MAX_BYTES = 2**30
+"""Largest data section accepted; the biggest MNIST file holds 47,040,000 bytes."""
+
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -255,52 +274,143 @@ _IDX_FILES = {
 }
 
 
+def _read_at_most(handle: BinaryIO, limit: int) -> bytearray:
+    """Read up to ``limit`` bytes, in chunks, stopping early at the end of the file."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = handle.read(min(limit - len(data), 2**20))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one file in the IDX format of the MNIST distribution (optionally gzipped).
+    """Read one MNIST file in the IDX format (optionally gzipped, by its ``.gz`` name).
+
+    The header is checked before the data is read, and at most one byte more than the
+    header declares is read (decompressed), so a small gzip file that inflates to far
+    more data than it declares is refused without holding it all in memory.
 
     Args:
         path: The file.
 
     Returns:
-        The array stored in the file.
+        The array stored in the file, of unsigned bytes.
 
     Raises:
-        DataError: If the file is not a well-formed IDX file.
+        DataError: If the file is not a regular file, cannot be read or decompressed,
+            is not a well-formed IDX file of unsigned bytes, declares more data than
+            any MNIST file holds, or holds more or less data than its header
+            declares.
     """
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as handle:
-            payload = handle.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat refuses it.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as error:
-        raise DataError(f"{path}: cannot read IDX file ({error})") from None
-    if len(payload) < 4 or payload[:2] != b"\0\0" or payload[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    num_dims = payload[3]
-    header = 4 + 4 * num_dims
-    if num_dims == 0 or len(payload) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(
-        int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims)
-    )
-    dtype = np.dtype(_IDX_DTYPES[payload[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(payload) - header != expected:
         raise DataError(
-            f"{path}: IDX header declares shape {shape} ({expected} bytes) but the "
-            "file "
-            f"holds {len(payload) - header} bytes of data"
+            f"{path}: cannot read IDX file ({error.strerror or error})"
+        ) from None
+    try:
+        with open(descriptor, "rb") as raw:
+            info = os.fstat(raw.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise DataError(f"{path}: not a regular file")
+            compressed = path.suffix == ".gz"
+            with gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw as handle:
+                magic = _read_at_most(handle, 4)
+                if len(magic) < 4 or magic[:2] != b"\0\0":
+                    raise DataError(f"{path}: not an IDX file (bad magic number)")
+                code, num_dims = magic[2], magic[3]
+                if code not in _IDX_TYPE_NAMES:
+                    raise DataError(f"{path}: not an IDX file (bad magic number)")
+                if code != _IDX_UNSIGNED_BYTE:
+                    raise DataError(
+                        f"{path}: IDX type code 0x{code:02x} ({_IDX_TYPE_NAMES[code]});"
+                        f" MNIST files hold unsigned bytes (0x{_IDX_UNSIGNED_BYTE:02x})"
+                    )
+                if num_dims == 0:
+                    raise DataError(f"{path}: IDX header declares no dimensions")
+                dims = _read_at_most(handle, 4 * num_dims)
+                if len(dims) < 4 * num_dims:
+                    raise DataError(f"{path}: truncated IDX header")
+                shape = tuple(
+                    int.from_bytes(dims[4 * i : 4 * i + 4], "big")
+                    for i in range(num_dims)
+                )
+                declared = math.prod(shape)
+                if declared > _IDX_MAX_BYTES:
+                    raise DataError(
+                        f"{path}: IDX header declares shape {shape} ({declared} "
+                        "bytes), larger than any MNIST file"
+                    )
+                header = 4 + len(dims)
+                if not compressed and info.st_size != header + declared:
+                    raise DataError(
+                        f"{path}: IDX header declares shape {shape} ({declared} "
+                        f"bytes) but the file holds {info.st_size - header} bytes "
+                        "of data"
+                    )
+                data = _read_at_most(handle, declared + 1)
+    except EOFError as error:
+        raise DataError(
+            f"{path}: cannot read IDX file (truncated gzip stream: {error})"
+        ) from None
+    except zlib.error as error:
+        raise DataError(
+            f"{path}: cannot read IDX file (corrupt gzip stream: {error})"
+        ) from None
+    except gzip.BadGzipFile as error:
+        raise DataError(
+            f"{path}: cannot read IDX file (not a valid gzip file: {error})"
+        ) from None
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read IDX file ({error.strerror or error})"
+        ) from None
+    if len(data) != declared:
+        held = f"more than {declared}" if len(data) > declared else str(len(data))
+        raise DataError(
+            f"{path}: IDX header declares shape {shape} ({declared} bytes) but the "
+            f"file holds {held} bytes of data"
         )
-    return np.frombuffer(payload, dtype=dtype, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find_idx(data_dir: Path, stem: str) -> Path:
-    for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
-        if (data_dir / candidate).is_file():
-            return data_dir / candidate
-    raise DataError(
-        f"{data_dir}: missing MNIST file {stem} (or {stem}.gz); expected the four "
-        f"standard IDX files {', '.join(_IDX_FILES.values())}"
-    )
+    """Find the one file of ``data_dir`` holding the MNIST IDX file ``stem``.
+
+    The file may be named ``stem``, ``stem.gz`` or with ``.idx`` for ``-idx`` (as some
+    copies are). The entry is only inspected, never opened, so a FIFO cannot block.
+
+    Raises:
+        DataError: If no such file exists, if one is not a regular file (a directory,
+            a FIFO, a broken symbolic link), or if more than one exists, since they
+            could hold different data.
+    """
+    names = (stem, stem + ".gz", stem.replace("-idx", ".idx"))
+    found = [data_dir / name for name in names if os.path.lexists(data_dir / name)]
+    for candidate in found:
+        try:
+            mode = candidate.stat().st_mode
+        except OSError as error:
+            raise DataError(
+                f"{candidate}: cannot read IDX file ({error.strerror or error})"
+            ) from None
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{candidate}: not a regular file")
+    if len(found) > 1:
+        others = " and ".join(candidate.name for candidate in found[1:])
+        raise DataError(
+            f"{found[0]}: {others} in the same directory also hold {stem}, maybe "
+            "with different data; keep only one of them"
+        )
+    if not found:
+        raise DataError(
+            f"{data_dir}: missing MNIST file {stem} (or {stem}.gz); expected the four "
+            f"standard IDX files {', '.join(_IDX_FILES.values())}"
+        )
+    return found[0]
 
 
 def load_mnist_idx(data_dir: Path) -> Dataset:
@@ -311,26 +421,39 @@ def load_mnist_idx(data_dir: Path) -> Dataset:
 
     Returns:
         The dataset with the standard split.
+
+    Raises:
+        DataError: If a file is missing, duplicated or malformed, holds no examples,
+            has images that are not 28x28, or the labels do not match the images.
     """
-    arrays = {
-        key: read_idx(_find_idx(data_dir, stem)) for key, stem in _IDX_FILES.items()
-    }
+    paths = {key: _find_idx(data_dir, stem) for key, stem in _IDX_FILES.items()}
+    arrays = {}
+    for key, path in paths.items():
+        arrays[key] = read_idx(path)
+        if arrays[key].shape[0] == 0:
+            raise DataError(f"{path}: holds no examples")
     for key in ("x_train", "x_test"):
         if arrays[key].ndim != 3 or arrays[key].shape[1:] != (28, 28):
             raise DataError(
-                f"{data_dir}: {key} has shape {arrays[key].shape}, not (n, 28, 28)"
+                f"{paths[key]}: images have shape {arrays[key].shape}, not (n, 28, 28)"
             )
     for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
-        if arrays[y_key].shape != (arrays[x_key].shape[0],):
-            raise DataError(f"{data_dir}: {y_key} does not have one label per image")
-        if arrays[y_key].min() < 0 or arrays[y_key].max() > 9:
-            raise DataError(f"{data_dir}: {y_key} has labels outside 0-9")
+        labels, num_images = arrays[y_key], arrays[x_key].shape[0]
+        if labels.shape != (num_images,):
+            raise DataError(
+                f"{paths[y_key]}: labels have shape {labels.shape}, but "
+                f"{paths[x_key].name} holds {num_images} images (one label per image)"
+            )
+        if labels.max() > 9:
+            raise DataError(
+                f"{paths[y_key]}: labels outside 0-9 (largest {int(labels.max())})"
+            )
     return _assemble(
         "mnist",
         str(data_dir),
-        arrays["x_train"].astype(np.uint8),
+        arrays["x_train"],
         arrays["y_train"].astype(np.int64),
-        arrays["x_test"].astype(np.uint8),
+        arrays["x_test"],
         arrays["y_test"].astype(np.int64),
         _mnist_domain(),
         np.zeros(784),

@@ -783,14 +783,35 @@ def subset_distances(
 
 
 def per_sample_gradients_loop(
-    model: nn.Module, loss: str, inputs: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    loss: str,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slow reference: one backward pass per example.
 
     Used by the tests and the benchmark to check and time :func:`per_sample_gradients`.
+
+    Args:
+        model: The model at the weights of interest.
+        loss: Loss name.
+        inputs: Inputs, shape ``(n, *input_shape)``.
+        labels: Labels, shape ``(n,)``.
+        out: A ``(n, num_parameters)`` tensor to fill row by row instead of stacking
+            the rows into a new one (the benchmark compares both engines this way).
+
+    Returns:
+        The matrix (``out`` itself when given).
     """
+    count = inputs.shape[0]
+    if out is not None:
+        for i in range(count):
+            out[i] = batch_gradient(model, loss, inputs[i : i + 1], labels[i : i + 1])
+        return out
     rows = [
         batch_gradient(model, loss, inputs[i : i + 1], labels[i : i + 1])
-        for i in range(inputs.shape[0])
+        for i in range(count)
     ]
     return torch.stack(rows) if rows else torch.zeros(0, num_parameters(model))

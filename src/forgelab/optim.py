@@ -64,6 +64,11 @@ class OptimizerConfig:
                 f"momentum and weight decay must be non-negative, got "
                 f"{self.momentum} and {self.weight_decay}"
             )
+        if self.name == "adam" and self.momentum != 0:
+            raise ConfigError(
+                f"Adam takes no momentum (beta1 plays that part); got momentum "
+                f"{self.momentum}"
+            )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps >= 0):
             raise ConfigError(
                 f"Adam needs 0 <= beta1, beta2 < 1 and eps >= 0, got {self.beta1}, "

@@ -46,6 +46,14 @@ def _positive(values: list[float], floor: float) -> list[float]:
     return [max(v, floor) for v in values]
 
 
+def _log_axis(axes: plt.Axes, drawn: list[float]) -> None:
+    """A logarithmic y axis; a decade around the values when they are all equal."""
+    positive = [v for v in drawn if v > 0 and math.isfinite(v)]
+    if positive and min(positive) == max(positive):
+        axes.set_ylim(positive[0] / 10, positive[0] * 10)
+    axes.set_yscale("log")
+
+
 def plot_verification(report: VerifyReport, path: Path, title: str = "") -> Path:
     """Plot the reproduction error of every replayed step against the tolerance.
 
@@ -71,7 +79,7 @@ def plot_verification(report: VerifyReport, path: Path, title: str = "") -> Path
     axes.axhline(
         max(tau, floor), color="k", ls="--", label=f"tolerance tau = {tau:.2e}"
     )
-    axes.set_yscale("log")
+    _log_axis(axes, [*_positive(errors, floor), max(tau, floor)])
     axes.set_xlabel("step")
     axes.set_ylabel("L2 distance to logged checkpoint")
     zero = sum(1 for e in errors if e == 0)
@@ -107,19 +115,27 @@ def plot_forging(
             alpha=0.7,
             label="forging error, one line per run" if run == 0 else None,
         )
+    drawn = [r.forging_error for r in records]
+    floor = tolerance * 1e-6 if tolerance > 0 else 1e-16
     if reproduction:
-        floor = tolerance * 1e-6
         steps = sorted(reproduction)
+        values = [reproduction[s] for s in steps]
+        zero = sum(1 for v in values if v == 0)
+        note = f" ({zero} exactly 0, drawn at {floor:.0e})" if zero else ""
         axes.plot(
             steps,
-            _positive([reproduction[s] for s in steps], floor),
+            _positive(values, floor),
             "k.",
-            label="reproduction error of the logged step",
+            label=f"reproduction error of the logged step{note}",
         )
+        drawn += _positive(values, floor)
     axes.axhline(
-        tolerance, color="k", ls="--", label=f"tolerance tau = {tolerance:.2e}"
+        max(tolerance, floor),
+        color="k",
+        ls="--",
+        label=f"tolerance tau = {tolerance:.2e}",
     )
-    axes.set_yscale("log")
+    _log_axis(axes, [*drawn, max(tolerance, floor)])
     axes.set_xlabel("checkpoint (step)")
     axes.set_ylabel("L2 distance after one step")
     axes.set_title(title or "Forging error vs tolerance", fontsize=9)

@@ -13,7 +13,6 @@ The four setups of the re-evaluation are ``lenet``/``mnist``, ``vgg-mini``/``cif
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,6 @@ import numpy as np
 
 from forgelab.attacks import CheckpointForgery, attack_checkpoints
 from forgelab.data import Dataset
-from forgelab.errors import ConfigError
 from forgelab.optim import OptimizerConfig
 from forgelab.replay import DEFAULT_SAFETY_FACTOR, VerifyReport, verify_trace
 from forgelab.report import (
@@ -34,7 +32,7 @@ from forgelab.report import (
     summarise_forging,
     write_json,
 )
-from forgelab.trace import MANIFEST_NAME, Trace, write_atomic
+from forgelab.trace import Trace, remove_own_trace, write_atomic
 from forgelab.training import record_trace
 
 logger = logging.getLogger(__name__)
@@ -247,12 +245,8 @@ class ReproduceResult:
 
 def _fresh_trace_dir(out: Path) -> Path:
     trace_dir = out / "trace"
-    if trace_dir.exists():
-        if not (trace_dir / MANIFEST_NAME).is_file():
-            raise ConfigError(
-                f"{trace_dir} exists and is not a forgelab trace; not touching it"
-            )
-        shutil.rmtree(trace_dir)
+    if trace_dir.exists() or trace_dir.is_symlink():
+        remove_own_trace(trace_dir)
     return trace_dir
 
 
@@ -469,13 +463,17 @@ def render_report(
         )
     lines += ["", "## Conclusion", ""]
     if result.num_undetected == 0:
+        if errors.max() > 0:
+            honest = (
+                f"{forging.min() / errors.max():.1e} times the largest honest "
+                "reproduction error"
+            )
+        else:
+            honest = "every honest step replayed with reproduction error exactly 0"
         lines.append(
             f"Every one of the {len(forging)} forgeries leaves an error above tau. The "
             f"smallest forging error is {forging.min():.3e}, **{result.margin:.1f} "
-            "times "
-            f"tau**, and {forging.min() / max(errors.max(), 1e-300):.1e} times the "
-            "largest honest reproduction error. A verifier that replays the forged "
-            "step "
+            f"times tau**, and {honest}. A verifier that replays the forged step "
             "rejects it. This matches the re-evaluation's finding that this attack "
             "leaves errors orders of magnitude above benign reproduction error."
         )

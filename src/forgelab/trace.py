@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,44 @@ def checkpoint_name(step: int) -> str:
 def is_temporary_file(name: str) -> bool:
     """Whether a file name is that of an unfinished :func:`write_atomic`."""
     return _TEMPORARY_FILE.match(name) is not None
+
+
+def remove_own_trace(trace_dir: Path) -> None:
+    """Delete a directory that a forgelab command wrote as a trace, and nothing else.
+
+    Commands that rewrite their own trace (``reproduce``, ``theory``) call this on
+    the previous one. The directory is removed only if its manifest is a forgelab
+    manifest and every entry is a file a trace writer creates (the manifest,
+    checkpoint files, unfinished atomic writes); anything else, such as a user's
+    file saved inside it, makes this refuse, so no data outside the trace is lost.
+
+    Raises:
+        ConfigError: If the directory is not entirely a forgelab trace.
+    """
+    refusal = f"{trace_dir} exists and is not a forgelab trace; not touching it"
+    if trace_dir.is_symlink() or not trace_dir.is_dir():
+        raise ConfigError(refusal)
+    try:
+        payload = read_regular_file(
+            trace_dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"
+        )
+        manifest = parse_json(payload, trace_dir / MANIFEST_NAME, "manifest")
+    except ForgelabError:
+        raise ConfigError(refusal) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ConfigError(refusal)
+    for entry in trace_dir.iterdir():
+        if entry.name == MANIFEST_NAME or is_temporary_file(entry.name):
+            if entry.is_file() and not entry.is_symlink():
+                continue
+        elif entry.name == CHECKPOINT_DIR and entry.is_dir() and not entry.is_symlink():
+            for item in entry.iterdir():
+                own = _CHECKPOINT_FILE.match(item.name) or is_temporary_file(item.name)
+                if not own or item.is_symlink() or not item.is_file():
+                    raise ConfigError(f"{refusal} ({item} is not a checkpoint file)")
+            continue
+        raise ConfigError(f"{refusal} ({entry} is not part of a trace)")
+    shutil.rmtree(trace_dir)
 
 
 def _umask() -> int:

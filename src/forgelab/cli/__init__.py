@@ -24,10 +24,11 @@ from forgelab.cli import (  # noqa: F401 - registers the commands
     train,
     verify,
 )
-from forgelab.cli.base import cli
+from forgelab.cli.base import cli, discard_empty_outputs
 from forgelab.errors import (
     EXIT_ACCEPTED,
     EXIT_INTERRUPTED,
+    EXIT_REJECTED,
     EXIT_UNUSABLE,
     ForgelabError,
 )
@@ -57,11 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""Raised by click 8.2 and newer for a bare ``forgelab``."""
+
+
 def _run(argv: list[str] | None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = cli.main(args=argv, prog_name="forgelab", standalone_mode=False)
+        # the context is made and invoked here rather than by ``cli.main``, which
+        # would print a blank line of its own before an interruption
+        with cli.make_context("forgelab", args) as context:
+            code = cli.invoke(context)
     except click.exceptions.Exit as done:
         code = done.exit_code
+    except _NO_ARGS as error:
+        print(error.ctx.get_help(), file=sys.stderr)
+        code = EXIT_UNUSABLE
     except click.ClickException as error:
         # one line, like every other rejection; -h shows the usage
         command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) else ""
@@ -80,7 +92,10 @@ def _run(argv: list[str] | None) -> int:
     except OSError as error:
         print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = EXIT_UNUSABLE
-    return EXIT_ACCEPTED if code is None else int(code)
+    code = EXIT_ACCEPTED if code is None else int(code)
+    # a failed or interrupted run leaves no empty output directory behind
+    discard_empty_outputs(remove=code not in (EXIT_ACCEPTED, EXIT_REJECTED))
+    return code
 
 
 if __name__ == "__main__":

@@ -101,17 +101,30 @@ class NonEmptyPath(click.Path):
 OUTPUT_PATH = NonEmptyPath(path_type=Path)
 
 
+_CREATED_OUTPUTS: list[Path] = []
+"""Output directories this process created, deepest first (see
+:func:`discard_empty_outputs`)."""
+
+
 def prepare_output(directory: Path, name: str) -> Path:
     """Create an output directory before a long run and return ``directory / name``.
 
     Checking first means a bad ``--out`` fails in a second, not after the work.
+    Directories created here are remembered, so that a run that fails leaves none
+    of them behind empty.
 
     Raises:
         ConfigError: The directory cannot be created or written, or ``name`` in it
             is a directory.
     """
+    missing = []
+    probe = directory
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _CREATED_OUTPUTS.extend(missing)
     except OSError as error:
         raise ConfigError(
             f"cannot create output directory {directory}: {error.strerror}"
@@ -129,6 +142,20 @@ def prepare_output(directory: Path, name: str) -> Path:
             f"cannot write into output directory {directory}: {error.strerror}"
         ) from None
     return destination
+
+
+def discard_empty_outputs(*, remove: bool) -> None:
+    """Forget the output directories this run created, deleting the empty ones.
+
+    Empty ones are deleted only with ``remove``, which the entry point sets when a
+    command fails or is interrupted; a directory holding anything, even a partial
+    result, stays.
+    """
+    while _CREATED_OUTPUTS:
+        path = _CREATED_OUTPUTS.pop(0)
+        if remove:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def positive_int(

@@ -159,8 +159,12 @@ def bench(
         profile=profile,
     )
     destination = prepare_output(out, "bench.json")
+    quiet = bool(click.get_current_context().find_root().params.get("quiet"))
     results = run_benchmark(
-        settings, progress=lambda name: console.print(f"measuring {name} ...")
+        settings,
+        progress=(lambda name: None)
+        if quiet
+        else (lambda name: console.print(f"measuring {name} ...")),
     )
     console.print(_summary_table(results))
     write_json(destination, results)

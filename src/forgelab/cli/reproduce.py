@@ -14,10 +14,14 @@ from forgelab.cli.base import (
     console,
     data_dir_option,
     positive_int,
+    prepare_output,
     progress_bars,
 )
 from forgelab.cli.forge import forging_table
 from forgelab.errors import EXIT_ACCEPTED
+
+MAX_RUNS = 10_000
+"""Most random batches per attacked checkpoint (and per attack in the table)."""
 
 
 def attack_summary_table(rows) -> Table:  # noqa: ANN001 - list[AttackSummary]
@@ -143,6 +147,7 @@ def reproduce(
     attack_runs: int,
 ) -> int:
     """Record, verify and forge a trace on real data; write a report and figures."""
+    from forgelab.attacks import check_candidates
     from forgelab.data import load_dataset
     from forgelab.optim import OptimizerConfig
     from forgelab.reproduce import (
@@ -155,6 +160,18 @@ def reproduce(
         raise click.BadParameter(
             "must be a positive finite number", param_hint="--safety-factor"
         )
+    if num_replaced > batch_size:
+        raise click.BadParameter(
+            f"must be at most the batch size {batch_size}", param_hint="-f"
+        )
+    if runs > MAX_RUNS or attack_runs > MAX_RUNS:
+        raise click.BadParameter(
+            f"--runs and --attack-runs must be at most {MAX_RUNS:,}",
+            param_hint="--runs/--attack-runs",
+        )
+    # the forging experiment's M, checked before anything is trained
+    check_candidates(num_candidates, num_replaced)
+    prepare_output(out, "results.json")
     name, lr = default_optimizer(model, optimizer, lr)
     config = OptimizerConfig(
         name=name,

@@ -9,7 +9,6 @@ sets a verifier's tolerance.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -191,14 +190,12 @@ def _calibrate(
 ) -> None:
     from forgelab.optim import OptimizerConfig
     from forgelab.replay import calibrate_tolerance
-    from forgelab.trace import MANIFEST_NAME, Trace
+    from forgelab.trace import Trace, remove_own_trace
     from forgelab.training import record_trace
 
     trace_dir = out / "trace"
-    if trace_dir.exists():
-        if not (trace_dir / MANIFEST_NAME).exists():
-            raise ConfigError(f"{trace_dir} exists and is not a trace; not touching it")
-        shutil.rmtree(trace_dir)
+    if trace_dir.exists() or trace_dir.is_symlink():
+        remove_own_trace(trace_dir)
     model = TRACE_MODELS[dataset.name]
     record_trace(
         trace_dir,
