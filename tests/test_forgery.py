@@ -139,6 +139,7 @@ def test_removed_examples_never_appear_in_a_forged_trace(
     assert (tmp_path / "forged" / "removed.txt").is_file()
     record = json.loads((tmp_path / "forged" / "forgery.json").read_text())
     assert record["forged_steps"] == [5, 9] and record["attack"] == attack
+    assert record["source_trace"] == str(trace.root)
 
 
 def test_keep_checkpoints_trace_is_rejected_at_exactly_the_forged_steps(
@@ -241,6 +242,39 @@ def test_verify_needs_the_claimed_removed_set(
     write_manifest(forged, manifest)
     with pytest.raises(TraceError, match="malformed removal claim"):
         dataset_for_trace(Trace(forged), digits, forged / "removed.txt")
+    # a claim that names another base dataset than the verifier's is refused
+    manifest["claim"]["num_removed"] = len(_removal(trace))
+    manifest["claim"]["base_dataset"]["name"] = "mnist"
+    write_manifest(forged, manifest)
+    with pytest.raises(TraceError, match="derives from mnist with fingerprint"):
+        dataset_for_trace(Trace(forged), digits, forged / "removed.txt")
+
+
+@pytest.mark.parametrize("attack", ["reeval", "thudi", "zhang-sn", "nearest"])
+def test_removing_all_but_less_than_a_batch_is_refused_before_writing(
+    attack, logreg_trace_master, digits, tmp_path
+):
+    trace = Trace(logreg_trace_master)
+    removed = np.arange(digits.num_train - trace.batch_size + 1)
+    with pytest.raises(ConfigError, match="leaves 49, fewer than one batch of 50"):
+        forge_trace(trace, digits, removed, tmp_path / "forged", attack=attack)
+    assert not (tmp_path / "forged").exists()
+
+
+def test_kong_pool_smaller_than_a_batch_is_refused(
+    logreg_trace_master, digits, tmp_path
+):
+    trace = Trace(logreg_trace_master)
+    with pytest.raises(ConfigError, match="--pool-size 20 is smaller than one batch"):
+        forge_trace(
+            trace,
+            digits,
+            _removal(trace),
+            tmp_path / "forged",
+            attack="kong",
+            options={"pool_size": 20},
+        )
+    assert not (tmp_path / "forged").exists()
 
 
 def test_recomputed_trace_is_honest_and_reports_divergence(

@@ -135,6 +135,12 @@ def test_entry_point_models_are_imported_only_when_trusted(tmp_path, monkeypatch
         ModelSpec(ENTRY_POINT_MODEL, (4,), 3, entry_point="../x:y", declared_loss="bce")
     with pytest.raises(ConfigError, match="built in"):
         ModelSpec("lenet", (1, 28, 28), 10, entry_point="a:b")
+    # a factory that exits would otherwise end the verifier with exit code 0
+    exiting = ModelSpec(
+        ENTRY_POINT_MODEL, (4,), 3, entry_point="builtins:exit", declared_loss="bce"
+    )
+    with pytest.raises(ConfigError, match="failed \\(SystemExit"):
+        build_model(exiting, trusted_entry_point="builtins:exit")
 
 
 @pytest.mark.parametrize("loss, classes", [("cross_entropy", 10), ("bce", 1)])

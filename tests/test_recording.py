@@ -256,3 +256,31 @@ def test_a_different_seed_gives_a_different_recording(tmp_path, digits):
     differing = [name for name in first if first[name] != other[name]]
     assert "checkpoints/step-00000000.safetensors" in differing
     assert "manifest.json" in differing
+
+
+def test_recording_never_lands_on_existing_data(logreg_trace, digits, tmp_path):
+    """A trace is recorded into a new or empty directory outside any other trace."""
+    from forgelab.errors import ConfigError
+
+    before = sorted(p.name for p in (logreg_trace / "checkpoints").iterdir())
+    for inside in (logreg_trace / "checkpoints", logreg_trace / "sub"):
+        with pytest.raises(ConfigError, match="inside the trace|not an empty"):
+            record_trace(inside, digits, "logreg", batch_size=50, num_epochs=1)
+    assert sorted(p.name for p in (logreg_trace / "checkpoints").iterdir()) == before
+    assert not (logreg_trace / "sub").exists()
+    Trace(logreg_trace)  # still readable
+    occupied = tmp_path / "occupied" / "checkpoints"
+    occupied.mkdir(parents=True)
+    (occupied / "step-00000003.safetensors").write_text("precious")
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        record_trace(occupied.parent, digits, "logreg", batch_size=50, num_epochs=1)
+    assert (occupied / "step-00000003.safetensors").read_text() == "precious"
+    # limits of the trace reader are checked before training
+    for options in ({"num_epochs": 10**8}, {"checkpoint_interval": 2 * 10**8}):
+        with pytest.raises(ConfigError, match="at most 100,000,000 steps"):
+            record_trace(tmp_path / "big", digits, "logreg", batch_size=50, **options)
+        assert not (tmp_path / "big").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    record_trace(empty, digits, "logreg", batch_size=50, num_epochs=1)
+    assert Trace(empty).num_steps == 28

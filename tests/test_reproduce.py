@@ -179,7 +179,9 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
         (["theory", "--tolerance", "1e-5"], "must be in (0, 1e-06]"),
         (["reproduce", "--seed", "abc"], "'abc' is not a valid integer"),
         (["train", "--out", ""], "must not be empty"),
-        (["verify", "x", "--safety-factor", "inf"], "positive finite number"),
+        (["verify", "x", "--safety-factor", "inf"], "must be a number in (0, 1e+06]"),
+        (["evaluate", "x", "--safety-factor", "1e300"], "in (0, 1e+06]"),
+        (["verify", "x", "--tolerance", "1e308"], "must be a number in [0, 1e+06]"),
     ],
 )
 def test_usage_errors_are_one_line(args, message, capsys):

@@ -652,9 +652,10 @@ def kong(
     slots = np.asarray(slots)
     _check_slots(batch, slots, pool)
     check_candidates(num_candidates, len(batch))
-    if not 1 <= pool_size <= MAX_CANDIDATES:
+    if not len(batch) <= pool_size <= MAX_CANDIDATES:
         raise ConfigError(
-            f"pool size must be in [1, {MAX_CANDIDATES}], got {pool_size}"
+            f"pool size must be in [{len(batch)}, {MAX_CANDIDATES}] (at least one "
+            f"batch), got {pool_size}"
         )
     if distance not in KONG_DISTANCES:
         raise ConfigError(

@@ -283,23 +283,25 @@ def dataset_for_trace(
         raise ConfigError(
             f"{trace.root}: the trace claims {claim['base_dataset']['name']} without "
             f"{claim['num_removed']} removed examples (sha256 "
-            f"{claim['removed_sha256'][:16]}...); pass the removed set with --removed"
+            f"{claim['removed_sha256']}); pass the removed set with --removed"
         )
     if (
-        claim["base_dataset"]["fingerprint"] != base.fingerprint
+        claim["base_dataset"]["name"] != base.name
+        or claim["base_dataset"]["fingerprint"] != base.fingerprint
         or claim["base_dataset"]["num_train"] != base.num_train
     ):
         raise TraceError(
-            f"{trace.root}: the claimed dataset derives from data with fingerprint "
-            f"{claim['base_dataset']['fingerprint'][:16]}..., not the verifier's "
-            f"{base.name} ({base.fingerprint[:16]}...)"
+            f"{trace.root}: the claimed dataset derives from "
+            f"{claim['base_dataset']['name']} with fingerprint "
+            f"{claim['base_dataset']['fingerprint']}, not the verifier's "
+            f"{base.name} ({base.fingerprint})"
         )
     removed = read_removed(removed_path, base.num_train)
     digest = removed_sha256(removed)
     if digest != claim["removed_sha256"]:
         raise ConfigError(
-            f"{removed_path}: this removed set has sha256 {digest[:16]}..., the trace "
-            f"claims {claim['removed_sha256'][:16]}..."
+            f"{removed_path}: this removed set has sha256 {digest}, the trace "
+            f"claims {claim['removed_sha256']}"
         )
     return without(base, removed)[0]
 
@@ -352,6 +354,7 @@ class ForgeResult:
             the L2 distance between the forged model's and the original weights.
         accuracy: Final test accuracy of the original and of the forged model.
         claimed_dataset: The identity of D' as written into the manifest.
+        source: The original trace that was forged.
     """
 
     out: Path
@@ -364,6 +367,7 @@ class ForgeResult:
     divergence: list[dict] = field(default_factory=list)
     accuracy: dict[str, float] = field(default_factory=dict)
     claimed_dataset: dict = field(default_factory=dict)
+    source: Path | None = None
 
     @property
     def forged_steps(self) -> list[int]:
@@ -374,6 +378,7 @@ class ForgeResult:
         """A JSON-ready dictionary."""
         return {
             "trace": str(self.out),
+            "source_trace": None if self.source is None else str(self.source),
             "attack": self.attack,
             "options": self.options,
             "mode": self.mode,
@@ -474,6 +479,12 @@ def forge_trace(
         )
     removed = np.unique(np.asarray(removed, dtype=np.int64))
     claimed, kept = without(dataset, removed)
+    if claimed.num_train < trace.batch_size:
+        # a trace of D' with a batch larger than D' is one no verifier accepts
+        raise ConfigError(
+            f"removing {len(removed)} examples leaves {claimed.num_train}, fewer "
+            f"than one batch of {trace.batch_size}"
+        )
     if attack in WHOLE_BATCH_ATTACKS:
         # the pool of a step is D' minus its batch; it must hold a whole batch
         if claimed.num_train - trace.batch_size < trace.batch_size:
@@ -484,6 +495,11 @@ def forge_trace(
             )
         if "num_candidates" in resolved:
             check_candidates(int(resolved["num_candidates"]), trace.batch_size)
+        if int(resolved.get("pool_size", trace.batch_size)) < trace.batch_size:
+            raise ConfigError(
+                f"--pool-size {resolved['pool_size']} is smaller than one batch of "
+                f"{trace.batch_size}"
+            )
     created = not out.exists()
     try:
         return _write_forged_trace(
@@ -573,6 +589,7 @@ def _write_forged_trace(
     writer.write_raw_checkpoint(0, first.params, first.optimizer_state, [])
     result = ForgeResult(
         out=out,
+        source=trace.root,
         attack=attack,
         options=resolved,
         mode=mode,

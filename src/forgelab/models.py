@@ -351,7 +351,7 @@ def load_entry_point(entry_point: str) -> Callable[[], nn.Module]:
     module_name, _, attribute = entry_point.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any failure of foreign code
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - foreign code may fail
         raise ConfigError(
             f"cannot import model entry point {entry_point!r} "
             f"({type(error).__name__}: {error}); make {module_name!r} importable "
@@ -382,7 +382,8 @@ def _build_from_entry_point(spec: ModelSpec, trusted: str | None) -> nn.Module:
     factory = load_entry_point(spec.entry_point)
     try:
         model = factory()
-    except Exception as error:  # noqa: BLE001 - any failure of foreign code
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - foreign code may fail
+        # SystemExit too: an exit code from the factory would pass for a verdict
         raise ConfigError(
             f"model entry point {spec.entry_point!r} failed "
             f"({type(error).__name__}: {error})"

@@ -178,9 +178,9 @@ def check_dataset(trace: Trace, dataset: Dataset) -> None:
         )
     if claimed["fingerprint"] != dataset.fingerprint:
         raise TraceError(
-            f"{manifest}: dataset.fingerprint {claimed['fingerprint'][:16]}... "
+            f"{manifest}: dataset.fingerprint {claimed['fingerprint']} "
             f"differs from the verifier's copy of {dataset.name} ({dataset.source}, "
-            f"{dataset.fingerprint[:16]}...); point --data-dir at the data the trace "
+            f"{dataset.fingerprint}); point --data-dir at the data the trace "
             "was recorded on"
         )
     if claimed["num_train"] != dataset.num_train:

@@ -35,6 +35,7 @@ from forgelab.trace import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MAX_STEPS,
     Trace,
     TraceWriter,
     is_temporary_file,
@@ -106,6 +107,32 @@ def environment() -> dict:
     }
 
 
+def _check_new_trace_dir(out: Path) -> None:
+    """Refuse a recording directory that holds anything or lies inside a trace.
+
+    Raises:
+        ConfigError: If ``out`` holds a manifest (a trace to resume), is not an
+            empty directory, or is inside another trace's directory.
+    """
+    if (out / MANIFEST_NAME).exists():
+        raise ConfigError(
+            f"{out} already holds a {MANIFEST_NAME}; use --resume or another --out"
+        )
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"{out} exists and is not an empty directory; a trace is recorded into a "
+            "new or empty one"
+        )
+    for parent in out.resolve().parents:
+        if (parent / MANIFEST_NAME).is_file() and (parent / CHECKPOINT_DIR).is_dir():
+            raise ConfigError(
+                f"--out {out} is inside the trace {parent}; choose a directory "
+                "outside it"
+            )
+
+
 def record_trace(
     out: str | Path,
     dataset: Dataset,
@@ -142,8 +169,7 @@ def record_trace(
         The trace directory.
     """
     out = Path(out)
-    if (out / MANIFEST_NAME).exists():
-        raise ConfigError(f"{out} already holds a trace; use --resume or another --out")
+    _check_new_trace_dir(out)
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not 0 <= seed < 2**63:
@@ -157,6 +183,13 @@ def record_trace(
     num_epochs = num_epochs or default_num_epochs(dataset.num_train, batch_size)
     if num_epochs < 1:
         raise ConfigError(f"number of epochs must be >= 1, got {num_epochs}")
+    # the limits a trace reader enforces, checked before any work is done
+    if num_epochs * per_epoch > MAX_STEPS or checkpoint_interval > MAX_STEPS:
+        raise ConfigError(
+            f"a trace holds at most {MAX_STEPS:,} steps and checkpoint intervals; "
+            f"{num_epochs} epochs of {per_epoch} steps and interval "
+            f"{checkpoint_interval} ask for more"
+        )
     spec = ModelSpec.for_domain(model_name, dataset.domain)
     torch.manual_seed(seed)
     model = build_model(spec).to(DTYPES[dtype])
@@ -218,8 +251,8 @@ def resume_trace(
     ):
         raise TraceError(
             f"{trace.root / MANIFEST_NAME}: recorded on {claimed['name']} with "
-            f"fingerprint {claimed['fingerprint'][:16]}..., not on the "
-            f"{dataset.name} data given ({dataset.fingerprint[:16]}...)"
+            f"fingerprint {claimed['fingerprint']}, not on the "
+            f"{dataset.name} data given ({dataset.fingerprint})"
         )
     if "total_steps" not in trace.manifest:
         raise TraceError(

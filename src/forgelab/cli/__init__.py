@@ -90,7 +90,10 @@ def _run(argv: list[str] | None) -> int:
         print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
         code = error.exit_code
     except OSError as error:
-        print(f"forgelab: error: {_one_line(error)}", file=sys.stderr)
+        # the file and the reason, without Python's "[Errno N]" prefix
+        where = f"{error.filename}: " if error.filename else ""
+        reason = error.strerror or str(error)
+        print(f"forgelab: error: {_one_line(where + reason)}", file=sys.stderr)
         code = EXIT_UNUSABLE
     code = EXIT_ACCEPTED if code is None else int(code)
     # a failed or interrupted run leaves no empty output directory behind

@@ -83,9 +83,31 @@ def parse_tolerance(value: str) -> float | None:
         tolerance = float(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither 'auto' nor a number") from None
-    if not tolerance >= 0 or tolerance == float("inf"):
-        raise click.BadParameter(f"{value!r} must be a finite non-negative number")
+    if not 0 <= tolerance <= MAX_TOLERANCE:
+        raise click.BadParameter(
+            f"{value!r} must be a number in [0, {MAX_TOLERANCE:g}] (a weight distance)"
+        )
     return tolerance
+
+
+MAX_TOLERANCE = 1e6
+"""Largest fixed tolerance: far above any weight distance, and plottable."""
+
+MAX_SAFETY_FACTOR = 1e6
+"""Largest --safety-factor: beyond it tau says nothing, and figures overflow."""
+
+
+def check_safety_factor(value: float) -> None:
+    """Refuse a --safety-factor outside ``(0, MAX_SAFETY_FACTOR]`` (or NaN).
+
+    Raises:
+        click.BadParameter: If the value is out of range.
+    """
+    if not 0 < value <= MAX_SAFETY_FACTOR:
+        raise click.BadParameter(
+            f"must be a number in (0, {MAX_SAFETY_FACTOR:g}]",
+            param_hint="--safety-factor",
+        )
 
 
 class NonEmptyPath(click.Path):

@@ -12,6 +12,8 @@ from rich.table import Table
 from forgelab.cli.base import (
     OUTPUT_PATH,
     SEED,
+    NonEmptyPath,
+    check_safety_factor,
     cli,
     console,
     data_dir_option,
@@ -69,7 +71,7 @@ def evaluation_table(evaluation, title: str) -> Table:  # noqa: ANN001 - Evaluat
 
 
 @cli.command()
-@click.argument("trace_dir", metavar="TRACE", type=click.Path(path_type=Path))
+@click.argument("trace_dir", metavar="TRACE", type=NonEmptyPath(path_type=Path))
 @data_dir_option
 @click.option(
     "--attack",
@@ -150,10 +152,7 @@ def evaluate(
     from forgelab.report import plot_detection, write_json
     from forgelab.trace import Trace, check_output_outside
 
-    if not 0 < safety_factor < float("inf"):
-        raise click.BadParameter(
-            "must be a positive finite number", param_hint="--safety-factor"
-        )
+    check_safety_factor(safety_factor)
     if benign_steps < 0:
         raise click.BadParameter("must be >= 0", param_hint="--benign-steps")
     context = click.get_current_context()

@@ -16,6 +16,7 @@ from rich.table import Table
 from forgelab.cli.base import (
     OUTPUT_PATH,
     SEED,
+    NonEmptyPath,
     cli,
     console,
     data_dir_option,
@@ -67,7 +68,7 @@ def forging_table(summaries, title: str) -> Table:  # noqa: ANN001 - summaries
 
 
 @cli.command()
-@click.argument("trace_dir", metavar="TRACE", type=click.Path(path_type=Path))
+@click.argument("trace_dir", metavar="TRACE", type=NonEmptyPath(path_type=Path))
 @data_dir_option
 @click.option(
     "--attack",

@@ -10,6 +10,7 @@ from rich.table import Table
 from forgelab.cli.base import (
     OUTPUT_PATH,
     SEED,
+    check_safety_factor,
     cli,
     console,
     data_dir_option,
@@ -156,10 +157,7 @@ def reproduce(
         run_reproduce,
     )
 
-    if not 0 < safety_factor < float("inf"):
-        raise click.BadParameter(
-            "must be a positive finite number", param_hint="--safety-factor"
-        )
+    check_safety_factor(safety_factor)
     if num_replaced > batch_size:
         raise click.BadParameter(
             f"must be at most the batch size {batch_size}", param_hint="-f"

@@ -10,6 +10,8 @@ from rich.table import Table
 from forgelab.cli.base import (
     OUTPUT_PATH,
     SEED,
+    NonEmptyPath,
+    check_safety_factor,
     cli,
     console,
     data_dir_option,
@@ -48,7 +50,7 @@ def _verify_table(report, show_all: bool, stateful: bool) -> Table:  # noqa: ANN
 
 
 @cli.command()
-@click.argument("trace_dir", metavar="TRACE", type=click.Path(path_type=Path))
+@click.argument("trace_dir", metavar="TRACE", type=NonEmptyPath(path_type=Path))
 @data_dir_option
 @click.option(
     "--tolerance",
@@ -121,10 +123,7 @@ def verify(
     from forgelab.trace import Trace, check_output_outside
 
     fixed = parse_tolerance(tolerance)
-    if not 0 < safety_factor < float("inf"):
-        raise click.BadParameter(
-            "must be a positive finite number", param_hint="--safety-factor"
-        )
+    check_safety_factor(safety_factor)
     trace = Trace(trace_dir, allow_import=allow_import)
     out = out or Path("forgelab-out") / f"verify-{trace_dir.resolve().name}"
     check_output_outside(out, trace_dir)
