@@ -5,7 +5,7 @@ import pytest
 from forgelab.attacks import ATTACKS
 from forgelab.cli import main
 from forgelab.errors import ConfigError
-from forgelab.trace import remove_own_trace
+from forgelab.trace import Trace, remove_own_trace, replacing_own_trace
 
 
 def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
@@ -193,13 +193,6 @@ def test_usage_errors_are_one_line(args, message, capsys):
 
 
 def test_only_a_directory_that_is_entirely_a_trace_is_replaced(logreg_trace, tmp_path):
-    # an honest trace written by forgelab (with an unfinished atomic write) goes
-    (logreg_trace / "checkpoints" / ".step-00000001.safetensors.abc123").write_bytes(
-        b""
-    )
-    remove_own_trace(logreg_trace)
-    assert not logreg_trace.exists()
-
     def refused(directory):
         with pytest.raises(ConfigError, match="not a forgelab trace; not touching"):
             remove_own_trace(directory)
@@ -213,22 +206,51 @@ def test_only_a_directory_that_is_entirely_a_trace_is_replaced(logreg_trace, tmp
     refused(foreign)
     (foreign / "manifest.json").write_text('{"format": "something-else"}')
     refused(foreign)
+    # a manifest that only says it is forgelab's is not a trace either
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text('{"format": "forgelab-trace"}')
+    refused(bare)
+    assert (bare / "manifest.json").read_text() == '{"format": "forgelab-trace"}'
     assert (foreign / "data.csv").read_text() == "a,b\n"
-    # a real manifest with the user's files beside it, or among the checkpoints
-    real = tmp_path / "real"
-    real.mkdir()
-    (real / "manifest.json").write_text('{"format": "forgelab-trace"}')
-    (real / "checkpoints").mkdir()
-    (real / "checkpoints" / "step-00000000.safetensors").write_bytes(b"x")
-    (real / "mynotes.txt").write_text("keep")
-    refused(real)
-    (real / "mynotes.txt").unlink()
-    (real / "checkpoints" / "thesis.tex").write_text("keep")
-    refused(real)
-    (real / "checkpoints" / "thesis.tex").unlink()
+    # a real trace with the user's files beside it, or among the checkpoints
+    (logreg_trace / "mynotes.txt").write_text("keep")
+    refused(logreg_trace)
+    (logreg_trace / "mynotes.txt").unlink()
+    (logreg_trace / "checkpoints" / "thesis.tex").write_text("keep")
+    refused(logreg_trace)
+    (logreg_trace / "checkpoints" / "thesis.tex").unlink()
     # a symbolic link to a trace is not followed
     link = tmp_path / "link"
-    link.symlink_to(real, target_is_directory=True)
+    link.symlink_to(logreg_trace, target_is_directory=True)
     refused(link)
-    remove_own_trace(real)
-    assert not real.exists()
+    # an honest trace (with an unfinished atomic write) goes
+    (logreg_trace / "checkpoints" / ".step-00000001.safetensors.abc123").write_bytes(
+        b""
+    )
+    remove_own_trace(logreg_trace)
+    assert not logreg_trace.exists()
+
+
+def test_an_unfinished_replacement_puts_the_previous_trace_back(logreg_trace, tmp_path):
+    before = sorted(p.name for p in (logreg_trace / "checkpoints").iterdir())
+    with pytest.raises(KeyboardInterrupt), replacing_own_trace(logreg_trace) as fresh:
+        assert not fresh.exists()
+        (fresh / "checkpoints").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (logreg_trace / "checkpoints").iterdir()) == before
+    Trace(logreg_trace)
+    assert [p.name for p in logreg_trace.parent.iterdir()] == [logreg_trace.name]
+    # a new trace that fails leaves nothing, not even an empty directory
+    new = tmp_path / "new" / "trace"
+    new.parent.mkdir()
+    with pytest.raises(RuntimeError), replacing_own_trace(new):
+        new.mkdir()
+        raise RuntimeError("recording failed")
+    assert list(new.parent.iterdir()) == []
+    # completed: the previous trace is gone, the new one stays
+    with replacing_own_trace(logreg_trace):
+        logreg_trace.mkdir()
+        (logreg_trace / "new.txt").write_text("new")
+    assert [p.name for p in logreg_trace.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "trace"]

@@ -32,7 +32,7 @@ from forgelab.report import (
     summarise_forging,
     write_json,
 )
-from forgelab.trace import Trace, remove_own_trace, write_atomic
+from forgelab.trace import Trace, replacing_own_trace, write_atomic
 from forgelab.training import record_trace
 
 logger = logging.getLogger(__name__)
@@ -243,13 +243,6 @@ class ReproduceResult:
         return sum(1 for f in self.forgeries if f.forging_error <= self.tolerance)
 
 
-def _fresh_trace_dir(out: Path) -> Path:
-    trace_dir = out / "trace"
-    if trace_dir.exists() or trace_dir.is_symlink():
-        remove_own_trace(trace_dir)
-    return trace_dir
-
-
 def run_reproduce(
     out: Path, dataset: Dataset, settings: ReproduceSettings, task: TaskFactory
 ) -> ReproduceResult:
@@ -269,16 +262,18 @@ def run_reproduce(
 
     # record
     started = time.perf_counter()
-    trace_dir = record_trace(
-        _fresh_trace_dir(out),
-        dataset,
-        settings.model,
-        optimizer=optimizer_config(settings),
-        batch_size=settings.batch_size,
-        num_epochs=settings.num_epochs,
-        seed=settings.seed,
-        callback=task("recording the trace"),
-    )
+    # a previous trace is put back if this recording does not complete
+    with replacing_own_trace(out / "trace") as fresh:
+        trace_dir = record_trace(
+            fresh,
+            dataset,
+            settings.model,
+            optimizer=optimizer_config(settings),
+            batch_size=settings.batch_size,
+            num_epochs=settings.num_epochs,
+            seed=settings.seed,
+            callback=task("recording the trace"),
+        )
     seconds["record"] = time.perf_counter() - started
     trace = Trace(trace_dir)
 

@@ -28,6 +28,7 @@ and dtype, then finite values, the batch size and the dataset's index range.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,14 +269,14 @@ def is_temporary_file(name: str) -> bool:
     return _TEMPORARY_FILE.match(name) is not None
 
 
-def remove_own_trace(trace_dir: Path) -> None:
-    """Delete a directory that a forgelab command wrote as a trace, and nothing else.
+def check_own_trace(trace_dir: Path) -> None:
+    """Refuse a directory unless it is entirely a forgelab trace.
 
     Commands that rewrite their own trace (``reproduce``, ``theory``) call this on
-    the previous one. The directory is removed only if its manifest is a forgelab
-    manifest and every entry is a file a trace writer creates (the manifest,
-    checkpoint files, unfinished atomic writes); anything else, such as a user's
-    file saved inside it, makes this refuse, so no data outside the trace is lost.
+    the previous one before replacing it. The directory must load as a trace (its
+    manifest passes the schema) and every entry must be a file a trace writer
+    creates (the manifest, checkpoint files, unfinished atomic writes); anything
+    else, such as a user's file saved inside it, makes this refuse.
 
     Raises:
         ConfigError: If the directory is not entirely a forgelab trace.
@@ -302,7 +304,55 @@ def remove_own_trace(trace_dir: Path) -> None:
                     raise ConfigError(f"{refusal} ({item} is not a checkpoint file)")
             continue
         raise ConfigError(f"{refusal} ({entry} is not part of a trace)")
+    try:
+        Trace(trace_dir)
+    except ForgelabError as error:
+        raise ConfigError(f"{refusal} ({error})") from None
+
+
+def remove_own_trace(trace_dir: Path) -> None:
+    """Delete a directory that :func:`check_own_trace` accepts, and nothing else.
+
+    Raises:
+        ConfigError: If the directory is not entirely a forgelab trace.
+    """
+    check_own_trace(trace_dir)
     shutil.rmtree(trace_dir)
+
+
+@contextlib.contextmanager
+def replacing_own_trace(trace_dir: Path) -> Iterator[Path]:
+    """Record a new trace at ``trace_dir`` in place of a previous one, safely.
+
+    A previous trace there (checked with :func:`check_own_trace`) is moved aside
+    first. If the block completes, it is deleted; if the block fails or is
+    interrupted, whatever the block wrote at ``trace_dir`` is removed and the
+    previous trace is put back, so an interrupted run loses nothing.
+
+    Yields:
+        ``trace_dir``, free for the new trace.
+
+    Raises:
+        ConfigError: If ``trace_dir`` holds anything but a forgelab trace.
+    """
+    previous = None
+    if trace_dir.exists() or trace_dir.is_symlink():
+        check_own_trace(trace_dir)
+        previous = Path(
+            tempfile.mkdtemp(dir=trace_dir.parent, prefix=f".{trace_dir.name}.old-")
+        )
+        os.replace(trace_dir, previous / trace_dir.name)
+    try:
+        yield trace_dir
+    except BaseException:
+        if trace_dir.exists():
+            shutil.rmtree(trace_dir, ignore_errors=True)
+        if previous is not None:
+            os.replace(previous / trace_dir.name, trace_dir)
+            previous.rmdir()
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _umask() -> int:

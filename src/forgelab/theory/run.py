@@ -190,21 +190,21 @@ def _calibrate(
 ) -> None:
     from forgelab.optim import OptimizerConfig
     from forgelab.replay import calibrate_tolerance
-    from forgelab.trace import Trace, remove_own_trace
+    from forgelab.trace import Trace, replacing_own_trace
     from forgelab.training import record_trace
 
     trace_dir = out / "trace"
-    if trace_dir.exists() or trace_dir.is_symlink():
-        remove_own_trace(trace_dir)
     model = TRACE_MODELS[dataset.name]
-    record_trace(
-        trace_dir,
-        dataset.subset(min(settings.trace_examples, dataset.num_train)),
-        model,
-        optimizer=OptimizerConfig(lr=settings.lr),
-        num_epochs=1,
-        seed=settings.seed,
-    )
+    # a previous trace is put back if this recording does not complete
+    with replacing_own_trace(trace_dir):
+        record_trace(
+            trace_dir,
+            dataset.subset(min(settings.trace_examples, dataset.num_train)),
+            model,
+            optimizer=OptimizerConfig(lr=settings.lr),
+            num_epochs=1,
+            seed=settings.seed,
+        )
     trace = Trace(trace_dir)
     calibration = calibrate_tolerance(
         trace,
