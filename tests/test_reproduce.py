@@ -5,7 +5,7 @@ import pytest
 from forgelab.attacks import ATTACKS
 from forgelab.cli import main
 from forgelab.errors import ConfigError
-from forgelab.trace import Trace, remove_own_trace, replacing_own_trace
+from forgelab.trace import Trace, check_own_trace, replacing_own_trace
 
 
 def test_reproduce_writes_table_report_and_figures(tmp_path, capsys):
@@ -195,7 +195,7 @@ def test_usage_errors_are_one_line(args, message, capsys):
 def test_only_a_directory_that_is_entirely_a_trace_is_replaced(logreg_trace, tmp_path):
     def refused(directory):
         with pytest.raises(ConfigError, match="not a forgelab trace; not touching"):
-            remove_own_trace(directory)
+            check_own_trace(directory)
         assert directory.exists()
 
     # a user's folder that merely holds a file called manifest.json stays
@@ -224,12 +224,14 @@ def test_only_a_directory_that_is_entirely_a_trace_is_replaced(logreg_trace, tmp
     link = tmp_path / "link"
     link.symlink_to(logreg_trace, target_is_directory=True)
     refused(link)
-    # an honest trace (with an unfinished atomic write) goes
+    # an honest trace (with an unfinished atomic write) is replaced
     (logreg_trace / "checkpoints" / ".step-00000001.safetensors.abc123").write_bytes(
         b""
     )
-    remove_own_trace(logreg_trace)
+    with replacing_own_trace(logreg_trace) as fresh:
+        assert not fresh.exists()
     assert not logreg_trace.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "foreign", "link"]
 
 
 def test_an_unfinished_replacement_puts_the_previous_trace_back(logreg_trace, tmp_path):

@@ -669,9 +669,10 @@ def measure_verify(settings: BenchSettings, *, num_train: int | None = None) -> 
     if num_train is not None:
         data = data.subset(num_train)
     per_epoch = steps_per_epoch(data.num_train, settings.batch_size)
-    epochs = max(1, -(-settings.trace_steps // per_epoch))
-    if epochs * per_epoch != settings.trace_steps:
-        logger.info("recording %d steps (whole epochs)", epochs * per_epoch)
+    recorded = settings.recorded_steps(data.num_train)
+    epochs = recorded // per_epoch
+    if recorded != settings.trace_steps:
+        logger.info("recording %d steps (whole epochs)", recorded)
     workspace = Path(tempfile.mkdtemp(prefix="forgelab-bench-"))
     traces: list[Path] = []
     verdicts: list[bool] = []

@@ -319,11 +319,13 @@ def read_idx(path: Path) -> np.ndarray:
             compressed = path.suffix == ".gz"
             with gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw as handle:
                 magic = _read_at_most(handle, 4)
-                if len(magic) < 4 or magic[:2] != b"\0\0":
+                if (
+                    len(magic) < 4
+                    or magic[:2] != b"\0\0"
+                    or magic[2] not in _IDX_TYPE_NAMES
+                ):
                     raise DataError(f"{path}: not an IDX file (bad magic number)")
                 code, num_dims = magic[2], magic[3]
-                if code not in _IDX_TYPE_NAMES:
-                    raise DataError(f"{path}: not an IDX file (bad magic number)")
                 if code != _IDX_UNSIGNED_BYTE:
                     raise DataError(
                         f"{path}: IDX type code 0x{code:02x} ({_IDX_TYPE_NAMES[code]});"

@@ -284,15 +284,6 @@ def check_own_trace(trace_dir: Path) -> None:
     refusal = f"{trace_dir} exists and is not a forgelab trace; not touching it"
     if trace_dir.is_symlink() or not trace_dir.is_dir():
         raise ConfigError(refusal)
-    try:
-        payload = read_regular_file(
-            trace_dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"
-        )
-        manifest = parse_json(payload, trace_dir / MANIFEST_NAME, "manifest")
-    except ForgelabError:
-        raise ConfigError(refusal) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ConfigError(refusal)
     for entry in trace_dir.iterdir():
         if entry.name == MANIFEST_NAME or is_temporary_file(entry.name):
             if entry.is_file() and not entry.is_symlink():
@@ -308,16 +299,6 @@ def check_own_trace(trace_dir: Path) -> None:
         Trace(trace_dir)
     except ForgelabError as error:
         raise ConfigError(f"{refusal} ({error})") from None
-
-
-def remove_own_trace(trace_dir: Path) -> None:
-    """Delete a directory that :func:`check_own_trace` accepts, and nothing else.
-
-    Raises:
-        ConfigError: If the directory is not entirely a forgelab trace.
-    """
-    check_own_trace(trace_dir)
-    shutil.rmtree(trace_dir)
 
 
 @contextlib.contextmanager
